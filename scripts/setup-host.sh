@@ -7,7 +7,7 @@ if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
 
 need=()
 for bin in qemu-system-x86_64 docker-registry skopeo umoci debootstrap cpio mke2fs mkfs.erofs \
-  busybox passt htpasswd jq iperf3 xz; do
+  busybox passt htpasswd jq iperf3 xz depmod; do
   command -v "$bin" >/dev/null 2>&1 || need+=("$bin")
 done
 [ -e /usr/lib/x86_64-linux-gnu/libslirp.so ] || need+=(libslirp)
@@ -34,7 +34,7 @@ $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86
 $SUDO apt-get install -y -q --no-install-recommends \
   docker-registry skopeo umoci debootstrap cpio e2fsprogs erofs-utils busybox-static passt \
-  libslirp-dev libslirp0 apache2-utils jq iperf3 xz-utils libc6-dev libseccomp-dev libcap-ng-dev \
+  kmod libslirp-dev libslirp0 apache2-utils jq iperf3 xz-utils libc6-dev libseccomp-dev libcap-ng-dev \
   pkg-config iproute2 dnsutils python3 curl ca-certificates zstd
 # docker-registry's package starts a system service on :5000; tests run their own instances.
 $SUDO systemctl disable --now docker-registry >/dev/null 2>&1 || true

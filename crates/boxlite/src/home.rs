@@ -26,7 +26,10 @@ impl Home {
             Some(p) if !p.is_empty() => PathBuf::from(p),
             _ => {
                 let home = std::env::var_os("HOME").ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::NotFound, "neither BOXLITE_HOME nor HOME is set")
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "neither BOXLITE_HOME nor HOME is set",
+                    )
                 })?;
                 PathBuf::from(home).join(".boxlite")
             }
@@ -37,7 +40,11 @@ impl Home {
     /// Opens (creating if needed) the home folder at `root`.
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Home> {
         let root = root.into();
-        let root = if root.is_absolute() { root } else { std::env::current_dir()?.join(root) };
+        let root = if root.is_absolute() {
+            root
+        } else {
+            std::env::current_dir()?.join(root)
+        };
         let home = Home { root };
         for dir in [
             home.db_dir(),

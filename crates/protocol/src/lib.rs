@@ -70,7 +70,11 @@ impl Frame {
     /// A control frame carrying `msg` on `channel`.
     pub fn control(channel: u32, msg: &Control) -> Frame {
         let body = serde_json::to_vec(msg).expect("control messages always serialize");
-        Frame { channel, tag: Tag::Control, body }
+        Frame {
+            channel,
+            tag: Tag::Control,
+            body,
+        }
     }
 
     /// A stream frame.
@@ -81,10 +85,16 @@ impl Frame {
     /// Decodes the body of a control frame.
     pub fn parse_control(&self) -> io::Result<Control> {
         if self.tag != Tag::Control {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "not a control frame"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a control frame",
+            ));
         }
         serde_json::from_slice(&self.body).map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("bad control message: {e}"))
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad control message: {e}"),
+            )
         })
     }
 }
@@ -92,7 +102,10 @@ impl Frame {
 /// Writes one frame. The caller serialises writers (one frame must not interleave with another).
 pub fn write_frame<W: Write + ?Sized>(w: &mut W, frame: &Frame) -> io::Result<()> {
     if frame.body.len() > MAX_BODY {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "frame body too large"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "frame body too large",
+        ));
     }
     let len = (frame.body.len() + 5) as u32;
     let mut buf = Vec::with_capacity(frame.body.len() + 9);
@@ -147,7 +160,10 @@ pub enum Control {
     /// host → guest: the terminal of this channel changed size.
     Resize { rows: u16, cols: u16 },
     /// guest → host: the channel's process ended; all of its output was sent before this.
-    Exited { code: Option<i32>, signal: Option<i32> },
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
     /// either way: the request on this channel failed; the channel is finished.
     Error { message: String },
     /// host → guest, channel 0: stop every process, sync and unmount disks, power off.
@@ -191,7 +207,11 @@ pub struct BlockDevice {
 pub enum MountSource {
     /// A virtio-blk disk with this serial. `format_if_empty` makes a filesystem of `fstype` on a
     /// device that has none (first attach of a fresh volume).
-    Block { serial: String, fstype: String, format_if_empty: bool },
+    Block {
+        serial: String,
+        fstype: String,
+        format_if_empty: bool,
+    },
     /// A virtiofs share with this tag.
     Virtiofs { tag: String },
 }
@@ -276,7 +296,10 @@ mod tests {
         let mut buf = Vec::new();
         write_frame(&mut buf, &Frame::data(1, Tag::Stderr, vec![1, 2, 3])).unwrap();
         buf.pop();
-        assert!(read_frame(&mut &buf[..]).is_err(), "a frame cut short is not a clean EOF");
+        assert!(
+            read_frame(&mut &buf[..]).is_err(),
+            "a frame cut short is not a clean EOF"
+        );
         let bad_tag = [0, 0, 0, 5, 0, 0, 0, 1, 9];
         assert!(read_frame(&mut &bad_tag[..]).is_err());
     }

@@ -1,1 +1,2 @@
-//! TODO
+//! Volumes: named QCOW2 volumes (thin, persistent, snapshots, backing volumes) and host directory
+//! shares over virtiofs.

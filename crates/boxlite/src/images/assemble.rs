@@ -1,0 +1,1 @@
+//! Owned by the layer-extraction work (not yet written).

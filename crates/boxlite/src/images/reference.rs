@@ -1,0 +1,1 @@
+//! Owned by the registry work (not yet written).
