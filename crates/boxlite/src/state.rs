@@ -24,6 +24,7 @@ const SCHEMA: &[&str] = &[
         shim_pid INTEGER,
         vmm_pid INTEGER,
         exit_reason TEXT,
+        exit_code INTEGER,
         started_at INTEGER,
         finished_at INTEGER
     )",

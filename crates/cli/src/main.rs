@@ -3,6 +3,7 @@
 
 mod boxes;
 mod images;
+mod terminal;
 mod volumes;
 
 use std::process::ExitCode;
