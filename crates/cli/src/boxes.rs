@@ -205,29 +205,57 @@ pub fn run(cmd: BoxCommand) -> anyhow::Result<u8> {
     }
 }
 
-fn box_options(flags: BoxFlags, image: String, command: Vec<String>, rm: bool) -> anyhow::Result<BoxOptions> {
+fn box_options(
+    flags: BoxFlags,
+    image: String,
+    command: Vec<String>,
+    rm: bool,
+) -> anyhow::Result<BoxOptions> {
     let mut opts = BoxOptions::new(image);
     opts.name = flags.name;
     opts.rootfs_dir = flags.rootfs;
     opts.cmd = command;
-    opts.entrypoint = flags.entrypoint.map(|e| if e.is_empty() { vec![] } else { vec![e] });
-    opts.env = flags.env.into_iter().map(expand_env).collect::<anyhow::Result<_>>()?;
+    opts.entrypoint = flags
+        .entrypoint
+        .map(|e| if e.is_empty() { vec![] } else { vec![e] });
+    opts.env = flags
+        .env
+        .into_iter()
+        .map(expand_env)
+        .collect::<anyhow::Result<_>>()?;
     opts.workdir = flags.workdir;
     opts.user = flags.user;
     opts.tty = flags.tty;
     opts.cpus = flags.cpus;
     opts.memory_mib = flags.memory;
     opts.disk_size = parse_size(&flags.disk_size).map_err(anyhow::Error::msg)?;
-    opts.mounts = flags.volumes.iter().map(|v| parse_mount(v)).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
-    opts.ports = flags.ports.iter().map(|p| parse_port(p)).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
-    opts.network = flags.network.parse::<NetworkKind>().map_err(anyhow::Error::msg)?;
+    opts.mounts = flags
+        .volumes
+        .iter()
+        .map(|v| parse_mount(v))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    opts.ports = flags
+        .ports
+        .iter()
+        .map(|p| parse_port(p))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    opts.network = flags
+        .network
+        .parse::<NetworkKind>()
+        .map_err(anyhow::Error::msg)?;
     for dns in &flags.dns {
-        dns.parse::<std::net::IpAddr>().with_context(|| format!("invalid --dns {dns:?}"))?;
+        dns.parse::<std::net::IpAddr>()
+            .with_context(|| format!("invalid --dns {dns:?}"))?;
     }
     opts.dns = flags.dns;
     opts.allow_host = flags.allow_host;
     opts.auto_remove = rm;
-    opts.accel = flags.accel.parse::<AccelChoice>().map_err(anyhow::Error::msg)?;
+    opts.accel = flags
+        .accel
+        .parse::<AccelChoice>()
+        .map_err(anyhow::Error::msg)?;
     Ok(opts)
 }
 
@@ -289,7 +317,11 @@ fn exec(rt: &Runtime, args: ExecArgs) -> anyhow::Result<u8> {
     let (rows, cols) = terminal_size();
     let opts = ExecOptions {
         argv: args.command,
-        env: args.env.into_iter().map(expand_env).collect::<anyhow::Result<_>>()?,
+        env: args
+            .env
+            .into_iter()
+            .map(expand_env)
+            .collect::<anyhow::Result<_>>()?,
         cwd: args.workdir,
         user: args.user,
         tty: args.tty,
@@ -304,7 +336,9 @@ fn exec(rt: &Runtime, args: ExecArgs) -> anyhow::Result<u8> {
 /// Connects the session to this process's stdio, terminal and signals until it exits.
 fn drive_session(session: ExecSession, stdin: bool, tty: bool) -> Result<ExitStatus, ExecError> {
     let control = session.control();
-    let _raw = (tty && std::io::stdin().is_terminal()).then(RawMode::enter).flatten();
+    let _raw = (tty && std::io::stdin().is_terminal())
+        .then(RawMode::enter)
+        .flatten();
     let _signals = forward_signals(control.clone(), tty);
     if stdin {
         let c = control.clone();
@@ -341,13 +375,23 @@ fn list(rt: &Runtime, json: bool) -> anyhow::Result<u8> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(0);
     }
-    println!("{:<14} {:<20} {:<30} {:<10} STATUS", "ID", "NAME", "IMAGE", "STATE");
+    println!(
+        "{:<14} {:<20} {:<30} {:<10} STATUS",
+        "ID", "NAME", "IMAGE", "STATE"
+    );
     for b in &boxes {
         let status = match (&b.exit_reason, b.state.to_string().as_str()) {
             (Some(reason), "exited") => reason.clone(),
             _ => String::new(),
         };
-        println!("{:<14} {:<20} {:<30} {:<10} {}", &b.id[..12], b.name, b.image, b.state, status);
+        println!(
+            "{:<14} {:<20} {:<30} {:<10} {}",
+            &b.id[..12],
+            b.name,
+            b.image,
+            b.state,
+            status
+        );
     }
     Ok(0)
 }

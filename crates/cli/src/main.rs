@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "boxlite", version, about = "Run OCI images in lightweight virtual machines")]
+#[command(
+    name = "boxlite",
+    version,
+    about = "Run OCI images in lightweight virtual machines"
+)]
 struct Cli {
     /// Log level for diagnostics on stderr (error, warn, info, debug, trace).
     #[arg(long, global = true, env = "BOXLITE_LOG", default_value = "warn")]
@@ -25,7 +29,7 @@ enum Command {
     #[command(flatten)]
     Images(images::ImageCommand),
     #[command(flatten)]
-    Boxes(boxes::BoxCommand),
+    Boxes(Box<boxes::BoxCommand>),
     /// Manage named volumes.
     Volume {
         #[command(subcommand)]
@@ -42,7 +46,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Images(cmd) => images::run(cmd),
-        Command::Boxes(cmd) => boxes::run(cmd),
+        Command::Boxes(cmd) => boxes::run(*cmd),
         Command::Volume { command } => volumes::run(command),
     };
     match result {
@@ -56,5 +60,8 @@ fn main() -> ExitCode {
 
 /// The whole cause chain on one line: `what failed: because: because`.
 fn error_chain(err: &anyhow::Error) -> String {
-    err.chain().map(|e| e.to_string()).collect::<Vec<_>>().join(": ")
+    err.chain()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }

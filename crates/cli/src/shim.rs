@@ -44,5 +44,11 @@ fn main() {
     // fd 3 is the readiness pipe when the library started us.
     // SAFETY: fcntl(F_GETFD) only queries whether the descriptor is open.
     let ready_fd = (unsafe { libc::fcntl(3, libc::F_GETFD) } >= 0).then_some(3);
-    std::process::exit(run(ShimArgs { home, box_id, accel, attach, ready_fd }));
+    std::process::exit(run(ShimArgs {
+        home,
+        box_id,
+        accel,
+        attach,
+        ready_fd,
+    }));
 }

@@ -59,10 +59,16 @@ impl SessionControl {
     }
     /// Delivers `signal` to the session's process group.
     pub fn signal(&self, signal: i32) -> io::Result<()> {
-        self.send(&Frame::control(SESSION_CHANNEL, &Control::Signal { signal }))
+        self.send(&Frame::control(
+            SESSION_CHANNEL,
+            &Control::Signal { signal },
+        ))
     }
     pub fn resize(&self, rows: u16, cols: u16) -> io::Result<()> {
-        self.send(&Frame::control(SESSION_CHANNEL, &Control::Resize { rows, cols }))
+        self.send(&Frame::control(
+            SESSION_CHANNEL,
+            &Control::Resize { rows, cols },
+        ))
     }
     /// Sends stdin bytes.
     pub fn write_stdin(&self, data: &[u8]) -> io::Result<()> {
@@ -102,7 +108,9 @@ impl ExecSession {
     pub(crate) fn open(socket: &std::path::Path, request: Control) -> io::Result<ExecSession> {
         let stream = UnixStream::connect(socket)?;
         let reader = stream.try_clone()?;
-        let control = SessionControl { writer: Arc::new(Mutex::new(stream)) };
+        let control = SessionControl {
+            writer: Arc::new(Mutex::new(stream)),
+        };
         control.send(&Frame::control(SESSION_CHANNEL, &request))?;
         Ok(ExecSession { reader, control })
     }
@@ -112,7 +120,11 @@ impl ExecSession {
     }
 
     /// Streams the process's output into `stdout` and `stderr` until it exits.
-    pub fn wait(mut self, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<ExitStatus, ExecError> {
+    pub fn wait(
+        mut self,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+    ) -> Result<ExitStatus, ExecError> {
         loop {
             let Some(frame) = read_frame(&mut self.reader)? else {
                 return Err(ExecError::Io(io::Error::new(
@@ -146,6 +158,10 @@ impl ExecSession {
     pub fn output(self) -> Result<Output, ExecError> {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let status = self.wait(&mut out, &mut err)?;
-        Ok(Output { status, stdout: out, stderr: err })
+        Ok(Output {
+            status,
+            stdout: out,
+            stderr: err,
+        })
     }
 }

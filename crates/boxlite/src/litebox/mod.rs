@@ -82,7 +82,10 @@ impl LiteBox {
             .truncate(false)
             .write(true)
             .open(paths.lock_file())
-            .map_err(io_err(format!("cannot open {}", paths.lock_file().display())))?;
+            .map_err(io_err(format!(
+                "cannot open {}",
+                paths.lock_file().display()
+            )))?;
         Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| RuntimeError::Io {
             context: "cannot lock the box".into(),
             source: e.into(),
@@ -105,7 +108,10 @@ impl LiteBox {
     pub fn start(&mut self, attach: bool) -> Result<AccelDecision> {
         let _lock = self.lock()?;
         self.refresh()?;
-        if matches!(self.record.state, BoxState::Running | BoxState::Starting | BoxState::Stopping) {
+        if matches!(
+            self.record.state,
+            BoxState::Running | BoxState::Starting | BoxState::Stopping
+        ) {
             return Err(RuntimeError::InvalidState {
                 name: self.record.name.clone(),
                 state: self.record.state,
@@ -119,7 +125,10 @@ impl LiteBox {
             .create(true)
             .append(true)
             .open(paths.shim_log())
-            .map_err(io_err(format!("cannot open {}", paths.shim_log().display())))?;
+            .map_err(io_err(format!(
+                "cannot open {}",
+                paths.shim_log().display()
+            )))?;
         let (ready_r, ready_w) = nix::unistd::pipe().map_err(|e| RuntimeError::Io {
             context: "cannot create a pipe".into(),
             source: e.into(),
@@ -149,7 +158,9 @@ impl LiteBox {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(io_err(format!("cannot start {}", shim.display())))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(io_err(format!("cannot start {}", shim.display())))?;
         drop(ready_w);
         let db = self.runtime.db()?;
         BoxRecord::mark_starting(&db, &self.record.id, child.id())?;
@@ -175,7 +186,10 @@ impl LiteBox {
                 if matches!(self.record.state, BoxState::Starting) {
                     let _ = BoxRecord::mark_exited(&db, &self.record.id, "boot failed", None);
                 }
-                Err(RuntimeError::Start { name: self.record.name.clone(), message })
+                Err(RuntimeError::Start {
+                    name: self.record.name.clone(),
+                    message,
+                })
             }
         }
     }
@@ -218,9 +232,15 @@ impl LiteBox {
 
     /// Runs `argv` with the Box's defaults and collects its output.
     pub fn exec_output(&mut self, argv: &[&str]) -> Result<Output> {
-        let opts = ExecOptions { argv: argv.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+        let opts = ExecOptions {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
         let session = self.exec(opts)?;
-        session.output().map_err(|e| RuntimeError::Shim { name: self.record.name.clone(), message: e.to_string() })
+        session.output().map_err(|e| RuntimeError::Shim {
+            name: self.record.name.clone(),
+            message: e.to_string(),
+        })
     }
 
     /// Attaches to the Box's main process (its output from now on, its stdin, its exit).
@@ -231,8 +251,11 @@ impl LiteBox {
 
     fn session(&self, request: Control) -> Result<ExecSession> {
         let socket = self.paths().control_socket();
-        ExecSession::open(&socket, request)
-            .map_err(io_err(format!("cannot reach box {} at {}", self.record.name, socket.display())))
+        ExecSession::open(&socket, request).map_err(io_err(format!(
+            "cannot reach box {} at {}",
+            self.record.name,
+            socket.display()
+        )))
     }
 
     /// Stops the Box: the guest shuts down cleanly (processes ended, disks synced); after
@@ -243,7 +266,9 @@ impl LiteBox {
         if self.record.state != BoxState::Running {
             return Ok(());
         }
-        if let Ok(session) = self.session(Control::Stop { timeout_secs: timeout.as_secs().max(1) }) {
+        if let Ok(session) = self.session(Control::Stop {
+            timeout_secs: timeout.as_secs().max(1),
+        }) {
             // The shim closes every connection when the guest is gone.
             let _ = session.wait(&mut std::io::sink(), &mut std::io::sink());
         }
@@ -254,7 +279,10 @@ impl LiteBox {
         let started = Instant::now();
         loop {
             self.refresh()?;
-            let alive = self.record.shim_pid.is_some_and(|p| shim_alive(p, &self.record.id));
+            let alive = self
+                .record
+                .shim_pid
+                .is_some_and(|p| shim_alive(p, &self.record.id));
             if !alive {
                 return Ok(());
             }
@@ -279,7 +307,10 @@ impl LiteBox {
     pub fn remove(mut self, force: bool) -> Result<()> {
         let _lock = self.lock()?;
         self.refresh()?;
-        if matches!(self.record.state, BoxState::Running | BoxState::Starting | BoxState::Stopping) {
+        if matches!(
+            self.record.state,
+            BoxState::Running | BoxState::Starting | BoxState::Stopping
+        ) {
             if !force {
                 return Err(RuntimeError::InvalidState {
                     name: self.record.name.clone(),
@@ -292,7 +323,13 @@ impl LiteBox {
         let paths = self.paths();
         paths.remove_sockets();
         std::fs::remove_dir_all(&paths.dir)
-            .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
             .map_err(io_err(format!("cannot remove {}", paths.dir.display())))?;
         BoxRecord::delete(&self.runtime.db()?, &self.record.id)?;
         Ok(())
@@ -301,7 +338,11 @@ impl LiteBox {
     /// Kills the shim and the VMM at once (the VMM dies with its shim) and waits for both.
     fn kill(&mut self) {
         let pids = [self.record.vmm_pid, self.record.shim_pid];
-        if let Some(pid) = self.record.shim_pid.filter(|&p| shim_alive(p, &self.record.id)) {
+        if let Some(pid) = self
+            .record
+            .shim_pid
+            .filter(|&p| shim_alive(p, &self.record.id))
+        {
             // SAFETY: plain kill(2); the pid was checked to be this Box's shim just now.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
@@ -313,7 +354,10 @@ impl LiteBox {
         }
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(10)
-            && pids.iter().flatten().any(|p| PathBuf::from(format!("/proc/{p}")).exists() && !zombie(*p))
+            && pids
+                .iter()
+                .flatten()
+                .any(|p| PathBuf::from(format!("/proc/{p}")).exists() && !zombie(*p))
         {
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -325,7 +369,11 @@ impl LiteBox {
 
 fn zombie(pid: i64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(true)
 }
 

@@ -60,9 +60,17 @@ pub struct ProcessSpec {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum MountConfig {
     /// A host directory (or file) shared over virtiofs.
-    HostPath { host: String, guest: String, readonly: bool },
+    HostPath {
+        host: String,
+        guest: String,
+        readonly: bool,
+    },
     /// A named volume.
-    Volume { name: String, guest: String, readonly: bool },
+    Volume {
+        name: String,
+        guest: String,
+        readonly: bool,
+    },
 }
 
 /// `-p [IP:]HOSTPORT:GUESTPORT[/tcp|/udp]`.
@@ -175,7 +183,10 @@ pub fn merge_env(base: &[String], overrides: &[String]) -> Vec<String> {
 /// The main process of a Box, following `docker run`: the user's command replaces `Cmd`, the
 /// user's entrypoint (if any) replaces `Entrypoint`, and the two are concatenated.
 pub fn main_process(image: &ImageDefaults, opts: &BoxOptions, hostname: &str) -> ProcessSpec {
-    let entrypoint = opts.entrypoint.clone().unwrap_or_else(|| image.entrypoint.clone());
+    let entrypoint = opts
+        .entrypoint
+        .clone()
+        .unwrap_or_else(|| image.entrypoint.clone());
     let cmd = if opts.cmd.is_empty() && opts.entrypoint.is_none() {
         image.cmd.clone()
     } else {
@@ -189,7 +200,10 @@ pub fn main_process(image: &ImageDefaults, opts: &BoxOptions, hostname: &str) ->
     ProcessSpec {
         argv: entrypoint.into_iter().chain(cmd).collect(),
         env,
-        cwd: opts.workdir.clone().unwrap_or_else(|| non_empty_or(&image.working_dir, "/")),
+        cwd: opts
+            .workdir
+            .clone()
+            .unwrap_or_else(|| non_empty_or(&image.working_dir, "/")),
         user: opts.user.clone().unwrap_or_else(|| image.user.clone()),
         tty: opts.tty,
     }
@@ -225,19 +239,29 @@ mod tests {
         assert_eq!((p.cwd.as_str(), p.user.as_str()), ("/work", "app"));
 
         opts.cmd = vec!["echo".into(), "hi".into()];
-        assert_eq!(main_process(&image(), &opts, "h").argv, vec!["/entry", "echo", "hi"]);
+        assert_eq!(
+            main_process(&image(), &opts, "h").argv,
+            vec!["/entry", "echo", "hi"]
+        );
 
         opts.entrypoint = Some(vec![]);
         assert_eq!(main_process(&image(), &opts, "h").argv, vec!["echo", "hi"]);
 
         opts.cmd.clear();
         opts.entrypoint = Some(vec!["/bin/sh".into()]);
-        assert_eq!(main_process(&image(), &opts, "h").argv, vec!["/bin/sh"], "a new entrypoint drops the image's Cmd");
+        assert_eq!(
+            main_process(&image(), &opts, "h").argv,
+            vec!["/bin/sh"],
+            "a new entrypoint drops the image's Cmd"
+        );
     }
 
     #[test]
     fn env_overrides_keep_order_and_path() {
-        let env = merge_env(&["PATH=/x".into(), "A=1".into()], &["A=2".into(), "B=3".into()]);
+        let env = merge_env(
+            &["PATH=/x".into(), "A=1".into()],
+            &["A=2".into(), "B=3".into()],
+        );
         assert_eq!(env, vec!["PATH=/x", "A=2", "B=3"]);
         let env = merge_env(&["A=1".into()], &[]);
         assert_eq!(env[0], format!("PATH={DEFAULT_PATH}"));
@@ -251,23 +275,38 @@ pub fn parse_mount(spec: &str) -> Result<MountConfig, String> {
         [s, g] => (*s, *g, false),
         [s, g, "ro"] => (*s, *g, true),
         [s, g, "rw"] => (*s, *g, false),
-        _ => return Err(format!("invalid volume {spec:?}: expected SOURCE:GUEST[:ro]")),
+        _ => {
+            return Err(format!(
+                "invalid volume {spec:?}: expected SOURCE:GUEST[:ro]"
+            ))
+        }
     };
     if source.is_empty() || !guest.starts_with('/') {
-        return Err(format!("invalid volume {spec:?}: the guest path must be absolute"));
+        return Err(format!(
+            "invalid volume {spec:?}: the guest path must be absolute"
+        ));
     }
     if source.starts_with('/') || source.starts_with('.') {
         let host = std::fs::canonicalize(source)
             .map_err(|e| format!("invalid volume {spec:?}: host path {source}: {e}"))?;
-        Ok(MountConfig::HostPath { host: host.display().to_string(), guest: guest.into(), readonly })
+        Ok(MountConfig::HostPath {
+            host: host.display().to_string(),
+            guest: guest.into(),
+            readonly,
+        })
     } else {
-        Ok(MountConfig::Volume { name: source.into(), guest: guest.into(), readonly })
+        Ok(MountConfig::Volume {
+            name: source.into(),
+            guest: guest.into(),
+            readonly,
+        })
     }
 }
 
 /// Parses `-p [IP:]HOSTPORT:GUESTPORT[/tcp|/udp]` (host IP defaults to 127.0.0.1).
 pub fn parse_port(spec: &str) -> Result<PortConfig, String> {
-    let bad = || format!("invalid port mapping {spec:?}: expected [IP:]HOSTPORT:GUESTPORT[/tcp|/udp]");
+    let bad =
+        || format!("invalid port mapping {spec:?}: expected [IP:]HOSTPORT:GUESTPORT[/tcp|/udp]");
     let (ports, protocol) = match spec.rsplit_once('/') {
         Some((p, proto @ ("tcp" | "udp"))) => (p, proto),
         Some(_) => return Err(bad()),
@@ -279,14 +318,23 @@ pub fn parse_port(spec: &str) -> Result<PortConfig, String> {
         [g, h, ip] => (ip.trim_start_matches('[').trim_end_matches(']'), *h, *g),
         _ => return Err(bad()),
     };
-    let host_ip = if host_ip.is_empty() { "127.0.0.1" } else { host_ip };
+    let host_ip = if host_ip.is_empty() {
+        "127.0.0.1"
+    } else {
+        host_ip
+    };
     host_ip.parse::<std::net::IpAddr>().map_err(|_| bad())?;
     let host_port: u16 = host_port.parse().map_err(|_| bad())?;
     let guest_port: u16 = guest_port.parse().map_err(|_| bad())?;
     if guest_port == 0 {
         return Err(bad());
     }
-    Ok(PortConfig { host_ip: host_ip.into(), host_port, guest_port, protocol: protocol.into() })
+    Ok(PortConfig {
+        host_ip: host_ip.into(),
+        host_port,
+        guest_port,
+        protocol: protocol.into(),
+    })
 }
 
 /// Parses sizes like `512M`, `10G`, `1048576` (bytes; K/M/G/T are powers of 1024).
@@ -294,15 +342,24 @@ pub fn parse_size(spec: &str) -> Result<u64, String> {
     let s = spec.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num.parse().map_err(|_| format!("invalid size {spec:?}"))?;
-    let mult: u64 = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+    let mult: u64 = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
         "" => 1,
         "K" => 1 << 10,
         "M" => 1 << 20,
         "G" => 1 << 30,
         "T" => 1 << 40,
-        _ => return Err(format!("invalid size {spec:?}: use a number with K, M, G or T")),
+        _ => {
+            return Err(format!(
+                "invalid size {spec:?}: use a number with K, M, G or T"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {spec:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {spec:?} is too large"))
 }
 
 #[cfg(test)]
@@ -312,9 +369,20 @@ mod parse_tests {
     #[test]
     fn ports() {
         let p = parse_port("8080:80").unwrap();
-        assert_eq!((p.host_ip.as_str(), p.host_port, p.guest_port, p.protocol.as_str()), ("127.0.0.1", 8080, 80, "tcp"));
+        assert_eq!(
+            (
+                p.host_ip.as_str(),
+                p.host_port,
+                p.guest_port,
+                p.protocol.as_str()
+            ),
+            ("127.0.0.1", 8080, 80, "tcp")
+        );
         let p = parse_port("0.0.0.0:0:53/udp").unwrap();
-        assert_eq!((p.host_ip.as_str(), p.host_port, p.protocol.as_str()), ("0.0.0.0", 0, "udp"));
+        assert_eq!(
+            (p.host_ip.as_str(), p.host_port, p.protocol.as_str()),
+            ("0.0.0.0", 0, "udp")
+        );
         for bad in ["80", "a:80", "1:2/sctp", "1:0", "300.1.1.1:1:2"] {
             assert!(parse_port(bad).is_err(), "{bad}");
         }
@@ -327,7 +395,11 @@ mod parse_tests {
         assert!(parse_size("1X").is_err());
         assert_eq!(
             parse_mount("data:/data:ro").unwrap(),
-            MountConfig::Volume { name: "data".into(), guest: "/data".into(), readonly: true }
+            MountConfig::Volume {
+                name: "data".into(),
+                guest: "/data".into(),
+                readonly: true
+            }
         );
         assert!(parse_mount("data:relative").is_err());
         assert!(parse_mount("/nonexistent-boxlite-path:/x").is_err());

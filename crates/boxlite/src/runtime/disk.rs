@@ -12,7 +12,9 @@ use sha2::{Digest, Sha256};
 use crate::home::Home;
 
 fn run(cmd: &mut Command) -> Result<(), String> {
-    let out = cmd.output().map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
     if out.status.success() {
         Ok(())
     } else {
@@ -26,9 +28,18 @@ fn run(cmd: &mut Command) -> Result<(), String> {
 }
 
 fn tree_size(dir: &Path) -> u64 {
-    let out = Command::new("du").args(["-s", "-B1", "--apparent-size"]).arg(dir).output();
+    let out = Command::new("du")
+        .args(["-s", "-B1", "--apparent-size"])
+        .arg(dir)
+        .output();
     out.ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().next()?.parse().ok())
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .unwrap_or(64 << 20)
 }
 
@@ -39,7 +50,9 @@ pub fn ensure_base(home: &Home, key: &str, dir: &Path) -> Result<PathBuf, String
         return Ok(base);
     }
     let size = tree_size(dir) * 3 / 2 + (64 << 20);
-    let tmp = home.tmp_dir().join(format!("{key}.ext4.{}", std::process::id()));
+    let tmp = home
+        .tmp_dir()
+        .join(format!("{key}.ext4.{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     run(Command::new("mke2fs")
         .args(["-q", "-F", "-t", "ext4", "-E", "root_owner=0:0", "-d"])
@@ -52,7 +65,10 @@ pub fn ensure_base(home: &Home, key: &str, dir: &Path) -> Result<PathBuf, String
 
 /// The key of a host directory used as a rootfs.
 pub fn dir_key(dir: &Path) -> String {
-    format!("dir-{}", &hex::encode(Sha256::digest(dir.as_os_str().as_encoded_bytes()))[..16])
+    format!(
+        "dir-{}",
+        &hex::encode(Sha256::digest(dir.as_os_str().as_encoded_bytes()))[..16]
+    )
 }
 
 /// Creates the Box's overlay `disk` over `base` (raw), with a relative backing path.

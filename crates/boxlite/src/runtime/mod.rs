@@ -6,7 +6,7 @@
 //! let rt = Runtime::from_env()?;
 //! let mut opts = BoxOptions::new("localhost:5000/busybox:latest");
 //! opts.auto_remove = true;
-//! let bx = rt.create(opts)?;
+//! let mut bx = rt.create(opts)?;
 //! bx.start(false)?;
 //! let out = bx.exec_output(&["echo", "hello"])?;
 //! assert_eq!(out.stdout, b"hello\n");
@@ -18,7 +18,6 @@ pub mod config;
 pub mod disk;
 pub mod paths;
 pub mod record;
-
 
 use crate::home::Home;
 use crate::litebox::LiteBox;
@@ -38,7 +37,11 @@ pub enum RuntimeError {
     #[error("invalid box name {0:?}: use letters, digits, '_', '.' and '-', starting with a letter or digit")]
     InvalidName(String),
     #[error("box {name} is {state}: cannot {operation}")]
-    InvalidState { name: String, state: BoxState, operation: &'static str },
+    InvalidState {
+        name: String,
+        state: BoxState,
+        operation: &'static str,
+    },
     #[error("image {reference}")]
     Image {
         reference: String,
@@ -116,13 +119,18 @@ impl Runtime {
         }
         let (rootfs, defaults, base) = self.resolve_rootfs(&opts, &name)?;
         let paths = BoxPaths::new(&self.home, &id);
-        std::fs::create_dir_all(&paths.dir).map_err(io_err(format!("cannot create {}", paths.dir.display())))?;
+        std::fs::create_dir_all(&paths.dir)
+            .map_err(io_err(format!("cannot create {}", paths.dir.display())))?;
         let cleanup = |e: RuntimeError| {
             let _ = std::fs::remove_dir_all(&paths.dir);
             e
         };
-        disk::create_overlay(&base, &paths.disk(), opts.disk_size)
-            .map_err(|message| cleanup(RuntimeError::Disk { name: name.clone(), message }))?;
+        disk::create_overlay(&base, &paths.disk(), opts.disk_size).map_err(|message| {
+            cleanup(RuntimeError::Disk {
+                name: name.clone(),
+                message,
+            })
+        })?;
         let main = config::main_process(&defaults, &opts, &name);
         let exec_defaults = config::ProcessSpec {
             argv: vec![],
@@ -180,11 +188,22 @@ impl Runtime {
         name: &str,
     ) -> Result<(RootfsSource, ImageDefaults, std::path::PathBuf)> {
         if let Some(dir) = &opts.rootfs_dir {
-            let dir = std::fs::canonicalize(dir).map_err(io_err(format!("rootfs directory {dir}")))?;
-            let base = disk::ensure_base(&self.home, &disk::dir_key(&dir), &dir)
-                .map_err(|message| RuntimeError::Disk { name: name.into(), message })?;
-            let source = RootfsSource::Dir { path: dir.display().to_string() };
-            let defaults = ImageDefaults { cmd: vec!["/bin/sh".into()], ..Default::default() };
+            let dir =
+                std::fs::canonicalize(dir).map_err(io_err(format!("rootfs directory {dir}")))?;
+            let base =
+                disk::ensure_base(&self.home, &disk::dir_key(&dir), &dir).map_err(|message| {
+                    RuntimeError::Disk {
+                        name: name.into(),
+                        message,
+                    }
+                })?;
+            let source = RootfsSource::Dir {
+                path: dir.display().to_string(),
+            };
+            let defaults = ImageDefaults {
+                cmd: vec!["/bin/sh".into()],
+                ..Default::default()
+            };
             return Ok((source, defaults, base));
         }
         Err(RuntimeError::Image {
@@ -196,14 +215,18 @@ impl Runtime {
     /// The Box named `key` (name, id or unique id prefix), its state reconciled with reality.
     pub fn get(&self, key: &str) -> Result<LiteBox> {
         let db = self.db()?;
-        let record = BoxRecord::find(&db, key)?.ok_or_else(|| RuntimeError::BoxNotFound(key.into()))?;
+        let record =
+            BoxRecord::find(&db, key)?.ok_or_else(|| RuntimeError::BoxNotFound(key.into()))?;
         Ok(LiteBox::new(self.clone(), record.reconcile(&db)?))
     }
 
     /// Every Box, oldest first, states reconciled.
     pub fn list(&self) -> Result<Vec<BoxRecord>> {
         let db = self.db()?;
-        BoxRecord::list(&db)?.into_iter().map(|r| Ok(r.reconcile(&db)?)).collect()
+        BoxRecord::list(&db)?
+            .into_iter()
+            .map(|r| Ok(r.reconcile(&db)?))
+            .collect()
     }
 
     /// Removes a Box; a running one only with `force` (it is killed first).
@@ -237,7 +260,8 @@ fn new_id() -> String {
 /// A locally administered MAC derived from the Box id (stable across restarts).
 fn mac_for(id: &str) -> String {
     let b = id.as_bytes();
-    let h = |i: usize| u8::from_str_radix(std::str::from_utf8(&b[i..i + 2]).unwrap_or("00"), 16).unwrap_or(0);
+    let h = |i: usize| {
+        u8::from_str_radix(std::str::from_utf8(&b[i..i + 2]).unwrap_or("00"), 16).unwrap_or(0)
+    };
     format!("52:54:00:{:02x}:{:02x}:{:02x}", h(0), h(2), h(4))
 }
-

@@ -28,7 +28,9 @@ impl BoxPaths {
         } else {
             let hash = hex::encode(&Sha256::digest(dir.as_os_str().as_encoded_bytes())[..8]);
             let uid = nix::unistd::getuid();
-            std::env::temp_dir().join(format!("boxlite-{uid}")).join(hash)
+            std::env::temp_dir()
+                .join(format!("boxlite-{uid}"))
+                .join(hash)
         };
         BoxPaths { dir, sock_dir }
     }

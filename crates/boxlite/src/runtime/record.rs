@@ -122,24 +122,43 @@ impl BoxRecord {
     pub fn find(db: &Db, key: &str) -> rusqlite::Result<Option<BoxRecord>> {
         let conn = db.conn();
         let exact = conn
-            .query_row("SELECT * FROM boxes WHERE name = ?1 OR id = ?1", [key], BoxRecord::from_row)
+            .query_row(
+                "SELECT * FROM boxes WHERE name = ?1 OR id = ?1",
+                [key],
+                BoxRecord::from_row,
+            )
             .optional()?;
         if exact.is_some() || key.len() < 4 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(exact);
         }
         let mut stmt = conn.prepare("SELECT * FROM boxes WHERE id LIKE ?1 || '%'")?;
-        let found: Vec<BoxRecord> =
-            stmt.query_map([key], BoxRecord::from_row)?.collect::<Result<_, _>>()?;
-        Ok(if found.len() == 1 { found.into_iter().next() } else { None })
+        let found: Vec<BoxRecord> = stmt
+            .query_map([key], BoxRecord::from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(if found.len() == 1 {
+            found.into_iter().next()
+        } else {
+            None
+        })
     }
 
     pub fn get(db: &Db, id: &str) -> rusqlite::Result<Option<BoxRecord>> {
-        db.conn().query_row("SELECT * FROM boxes WHERE id = ?1", [id], BoxRecord::from_row).optional()
+        db.conn()
+            .query_row(
+                "SELECT * FROM boxes WHERE id = ?1",
+                [id],
+                BoxRecord::from_row,
+            )
+            .optional()
     }
 
     pub fn list(db: &Db) -> rusqlite::Result<Vec<BoxRecord>> {
-        let mut stmt = db.conn().prepare("SELECT * FROM boxes ORDER BY created_at, name")?;
-        let rows = stmt.query_map([], BoxRecord::from_row)?.collect::<Result<_, _>>()?;
+        let mut stmt = db
+            .conn()
+            .prepare("SELECT * FROM boxes ORDER BY created_at, name")?;
+        let rows = stmt
+            .query_map([], BoxRecord::from_row)?
+            .collect::<Result<_, _>>()?;
         Ok(rows)
     }
 
@@ -159,8 +178,10 @@ impl BoxRecord {
     }
 
     pub fn mark_state(db: &Db, id: &str, state: BoxState) -> rusqlite::Result<()> {
-        db.conn()
-            .execute("UPDATE boxes SET state=?2 WHERE id=?1", params![id, state.to_string()])?;
+        db.conn().execute(
+            "UPDATE boxes SET state=?2 WHERE id=?1",
+            params![id, state.to_string()],
+        )?;
         Ok(())
     }
 
@@ -181,7 +202,10 @@ impl BoxRecord {
 
     /// A Box that claims to run but whose shim is gone is recorded as exited, with the reason.
     pub fn reconcile(mut self, db: &Db) -> rusqlite::Result<BoxRecord> {
-        let live = matches!(self.state, BoxState::Running | BoxState::Starting | BoxState::Stopping);
+        let live = matches!(
+            self.state,
+            BoxState::Running | BoxState::Starting | BoxState::Stopping
+        );
         if live && !self.shim_pid.is_some_and(|pid| shim_alive(pid, &self.id)) {
             let reason = "shim process died unexpectedly";
             BoxRecord::mark_exited(db, &self.id, reason, None)?;

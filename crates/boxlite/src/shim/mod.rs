@@ -70,9 +70,11 @@ fn boot_and_serve(args: &ShimArgs, ready: &mut Option<File>) -> Result<(), Strin
         .map_err(|e| format!("cannot read box: {e}"))?
         .ok_or_else(|| format!("no box with id {}", args.box_id))?;
     let paths = BoxPaths::new(&home, &record.id);
-    std::fs::create_dir_all(&paths.sock_dir).map_err(|e| format!("cannot create socket dir: {e}"))?;
+    std::fs::create_dir_all(&paths.sock_dir)
+        .map_err(|e| format!("cannot create socket dir: {e}"))?;
     paths.remove_sockets();
-    std::fs::create_dir_all(&paths.sock_dir).map_err(|e| format!("cannot create socket dir: {e}"))?;
+    std::fs::create_dir_all(&paths.sock_dir)
+        .map_err(|e| format!("cannot create socket dir: {e}"))?;
 
     let assets = GuestAssets::locate().map_err(|e| e.to_string())?;
     let prepared = setup::prepare(&home, &record, &paths, args.accel, assets)?;
@@ -110,7 +112,9 @@ fn boot_and_serve(args: &ShimArgs, ready: &mut Option<File>) -> Result<(), Strin
     router.spawn_listener(listener);
     router.start_main_unless_attaching();
 
-    let status = vmm.wait().map_err(|e| format!("waiting for the VMM: {e}"))?;
+    let status = vmm
+        .wait()
+        .map_err(|e| format!("waiting for the VMM: {e}"))?;
     let (reason, code) = router.outcome(status);
     info!(box_id = %record.id, %reason, "guest stopped");
     prepared.teardown();
@@ -145,12 +149,17 @@ fn connect_and_setup(
             Err(e) => return Err(format!("cannot reach the agent socket: {e}")),
         }
     };
-    write_frame(&mut stream, &Frame::control(BOX_CHANNEL, &Control::Setup(Box::new(setup.clone()))))
-        .map_err(|e| format!("cannot send setup to the agent: {e}"))?;
+    write_frame(
+        &mut stream,
+        &Frame::control(BOX_CHANNEL, &Control::Setup(Box::new(setup.clone()))),
+    )
+    .map_err(|e| format!("cannot send setup to the agent: {e}"))?;
     let mut reader = stream.try_clone().map_err(|e| e.to_string())?;
     loop {
         if started.elapsed() > READY_TIMEOUT {
-            return Err(format!("the agent did not become ready within {READY_TIMEOUT:?}"));
+            return Err(format!(
+                "the agent did not become ready within {READY_TIMEOUT:?}"
+            ));
         }
         if let Ok(Some(status)) = vmm.try_wait() {
             return Err(format!("the guest stopped during boot ({status})"));
@@ -166,7 +175,9 @@ fn connect_and_setup(
                     }
                     return Ok((stream, ip));
                 }
-                Ok(Control::Error { message }) => return Err(format!("guest setup failed: {message}")),
+                Ok(Control::Error { message }) => {
+                    return Err(format!("guest setup failed: {message}"))
+                }
                 Ok(other) => warn!(?other, "unexpected message during boot"),
                 Err(e) => return Err(format!("bad message from the agent: {e}")),
             },
@@ -180,8 +191,12 @@ fn connect_and_setup(
 /// Waits up to `timeout` for `stream` to have data (or be closed).
 fn readable(stream: &UnixStream, timeout: Duration) -> bool {
     use std::os::fd::AsFd;
-    let mut fds = [nix::poll::PollFd::new(stream.as_fd(), nix::poll::PollFlags::POLLIN)];
-    let ms = nix::poll::PollTimeout::try_from(timeout.as_millis() as i32).unwrap_or(nix::poll::PollTimeout::MAX);
+    let mut fds = [nix::poll::PollFd::new(
+        stream.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ms = nix::poll::PollTimeout::try_from(timeout.as_millis() as i32)
+        .unwrap_or(nix::poll::PollTimeout::MAX);
     matches!(nix::poll::poll(&mut fds, ms), Ok(n) if n > 0)
 }
 
@@ -193,6 +208,10 @@ fn console_tail(paths: &BoxPaths) -> String {
     if tail.is_empty() {
         String::new()
     } else {
-        format!("\nlast console lines ({}):\n{}", paths.console_log().display(), tail.join("\n"))
+        format!(
+            "\nlast console lines ({}):\n{}",
+            paths.console_log().display(),
+            tail.join("\n")
+        )
     }
 }

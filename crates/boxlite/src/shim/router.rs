@@ -100,11 +100,17 @@ impl Router {
     /// Reads the agent's frames until the guest goes away.
     pub fn spawn_agent_reader(&self) {
         let this = self.clone();
-        let mut reader = self.inner.agent_reader.lock().unwrap().take().expect("reader taken once");
+        let mut reader = self
+            .inner
+            .agent_reader
+            .lock()
+            .unwrap()
+            .take()
+            .expect("reader taken once");
         std::thread::spawn(move || {
             loop {
                 match read_frame(&mut reader) {
-                    Ok(Some(frame)) => this.from_agent(frame),
+                    Ok(Some(frame)) => this.route_agent_frame(frame),
                     Ok(None) => break,
                     Err(e) => {
                         warn!("agent link: {e}");
@@ -117,7 +123,7 @@ impl Router {
         });
     }
 
-    fn from_agent(&self, frame: Frame) {
+    fn route_agent_frame(&self, frame: Frame) {
         if frame.channel == BOX_CHANNEL {
             if let Ok(msg) = frame.parse_control() {
                 info!(?msg, "agent");
@@ -125,14 +131,21 @@ impl Router {
             return;
         }
         let finished = frame.tag == Tag::Control
-            && matches!(frame.parse_control(), Ok(Control::Exited { .. } | Control::Error { .. }));
+            && matches!(
+                frame.parse_control(),
+                Ok(Control::Exited { .. } | Control::Error { .. })
+            );
         if frame.channel == MAIN_CHANNEL && finished {
             self.record_main_exit(&frame);
         }
         let mut routes = self.inner.routes.lock().unwrap();
         let delivered = match routes.get_mut(&frame.channel) {
             Some(Route::Client { conn, channel }) => {
-                let out = Frame { channel: *channel, tag: frame.tag, body: frame.body.clone() };
+                let out = Frame {
+                    channel: *channel,
+                    tag: frame.tag,
+                    body: frame.body.clone(),
+                };
                 let mut c = conn.lock().unwrap();
                 write_frame(&mut *c, &out).is_ok()
             }
@@ -176,12 +189,18 @@ impl Router {
     }
 
     fn open_main_log(&self) -> std::io::Result<File> {
-        OpenOptions::new().create(true).append(true).open(&self.inner.main_log)
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.inner.main_log)
     }
 
     /// Asks the agent to stop everything and power off.
     pub fn request_poweroff(&self) {
-        if self.send_agent(&Frame::control(BOX_CHANNEL, &Control::Shutdown)).is_err() {
+        if self
+            .send_agent(&Frame::control(BOX_CHANNEL, &Control::Shutdown))
+            .is_err()
+        {
             warn!("cannot reach the agent to shut down");
         }
     }
@@ -232,7 +251,11 @@ impl Router {
                 }
             },
         };
-        self.inner.routes.lock().unwrap().insert(MAIN_CHANNEL, route);
+        self.inner
+            .routes
+            .lock()
+            .unwrap()
+            .insert(MAIN_CHANNEL, route);
         let spec = &self.inner.main_spec;
         let req = ExecRequest {
             argv: spec.argv.clone(),
@@ -244,14 +267,19 @@ impl Router {
             rows,
             cols,
         };
-        if self.send_agent(&Frame::control(MAIN_CHANNEL, &Control::Exec(Box::new(req)))).is_err() {
+        if self
+            .send_agent(&Frame::control(MAIN_CHANNEL, &Control::Exec(Box::new(req))))
+            .is_err()
+        {
             warn!("cannot send the main process to the agent");
         }
         true
     }
 
     fn serve_client(&self, stream: UnixStream) {
-        let Ok(writer) = stream.try_clone() else { return };
+        let Ok(writer) = stream.try_clone() else {
+            return;
+        };
         let conn: Conn = Arc::new(Mutex::new(writer));
         self.inner.clients.lock().unwrap().push(conn.clone());
         let mut reader = stream;
@@ -265,7 +293,10 @@ impl Router {
                         channels.insert(frame.channel, global);
                         self.inner.routes.lock().unwrap().insert(
                             global,
-                            Route::Client { conn: conn.clone(), channel: frame.channel },
+                            Route::Client {
+                                conn: conn.clone(),
+                                channel: frame.channel,
+                            },
                         );
                         let fwd = Frame::control(global, &Control::Exec(req));
                         if let Err(e) = self.send_agent(&fwd) {
@@ -291,7 +322,10 @@ impl Router {
             }
             match channels.get(&frame.channel) {
                 Some(&global) => {
-                    let _ = self.send_agent(&Frame { channel: global, ..frame });
+                    let _ = self.send_agent(&Frame {
+                        channel: global,
+                        ..frame
+                    });
                 }
                 None => self.reply(&conn, frame.channel, "no session on this channel"),
             }
@@ -306,19 +340,32 @@ impl Router {
         let exit = self.inner.main.lock().unwrap().exit;
         if let Some((code, signal)) = exit {
             let mut c = conn.lock().unwrap();
-            let _ = write_frame(&mut *c, &Frame::control(channel, &Control::Exited { code, signal }));
+            let _ = write_frame(
+                &mut *c,
+                &Frame::control(channel, &Control::Exited { code, signal }),
+            );
             return;
         }
-        self.inner
-            .routes
-            .lock()
-            .unwrap()
-            .insert(MAIN_CHANNEL, Route::Client { conn: conn.clone(), channel });
+        self.inner.routes.lock().unwrap().insert(
+            MAIN_CHANNEL,
+            Route::Client {
+                conn: conn.clone(),
+                channel,
+            },
+        );
     }
 
     fn reply(&self, conn: &Conn, channel: u32, message: &str) {
         let mut c = conn.lock().unwrap();
-        let _ = write_frame(&mut *c, &Frame::control(channel, &Control::Error { message: message.into() }));
+        let _ = write_frame(
+            &mut *c,
+            &Frame::control(
+                channel,
+                &Control::Error {
+                    message: message.into(),
+                },
+            ),
+        );
     }
 
     /// A CLI disconnected: its exec sessions are killed (nobody can read them any more); the main
@@ -338,9 +385,18 @@ impl Router {
             }
             routes.remove(&global);
             drop(routes);
-            let _ = self.send_agent(&Frame::control(global, &Control::Signal { signal: libc::SIGKILL }));
+            let _ = self.send_agent(&Frame::control(
+                global,
+                &Control::Signal {
+                    signal: libc::SIGKILL,
+                },
+            ));
         }
-        self.inner.clients.lock().unwrap().retain(|c| !Arc::ptr_eq(c, conn));
+        self.inner
+            .clients
+            .lock()
+            .unwrap()
+            .retain(|c| !Arc::ptr_eq(c, conn));
     }
 
     /// Clean stop: ask the guest to power off; kill the VMM if it has not after `timeout`.

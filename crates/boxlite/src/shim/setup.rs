@@ -62,7 +62,10 @@ pub fn prepare(
     };
     let guest = GuestSetup {
         hostname: record.name.clone(),
-        root: BlockDevice { serial: "root".into(), fstype: "ext4".into() },
+        root: BlockDevice {
+            serial: "root".into(),
+            fstype: "ext4".into(),
+        },
         grow_root: true,
         mounts: vec![],
         network,
@@ -83,8 +86,16 @@ fn identity_files(record: &BoxRecord, has_network: bool) -> Vec<FileSpec> {
         hosts.push_str(&format!("{HOST_ALIAS_IP}\t{HOST_ALIAS_NAME}\n"));
     }
     let mut files = vec![
-        FileSpec { path: "/etc/hostname".into(), contents: format!("{name}\n"), mode: 0o644 },
-        FileSpec { path: "/etc/hosts".into(), contents: hosts, mode: 0o644 },
+        FileSpec {
+            path: "/etc/hostname".into(),
+            contents: format!("{name}\n"),
+            mode: 0o644,
+        },
+        FileSpec {
+            path: "/etc/hosts".into(),
+            contents: hosts,
+            mode: 0o644,
+        },
     ];
     let nameservers: Vec<String> = if has_network {
         vec![GATEWAY_IP.to_string()]
@@ -92,8 +103,15 @@ fn identity_files(record: &BoxRecord, has_network: bool) -> Vec<FileSpec> {
         config.dns.clone()
     };
     if !nameservers.is_empty() {
-        let contents: String = nameservers.iter().map(|ns| format!("nameserver {ns}\n")).collect();
-        files.push(FileSpec { path: "/etc/resolv.conf".into(), contents, mode: 0o644 });
+        let contents: String = nameservers
+            .iter()
+            .map(|ns| format!("nameserver {ns}\n"))
+            .collect();
+        files.push(FileSpec {
+            path: "/etc/resolv.conf".into(),
+            contents,
+            mode: 0o644,
+        });
     }
     files
 }

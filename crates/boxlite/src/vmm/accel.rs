@@ -53,7 +53,9 @@ impl FromStr for AccelChoice {
             "auto" | "" => Ok(AccelChoice::Auto),
             "kvm" => Ok(AccelChoice::Kvm),
             "tcg" => Ok(AccelChoice::Tcg),
-            other => Err(format!("unknown accelerator {other:?}: expected auto, kvm or tcg")),
+            other => Err(format!(
+                "unknown accelerator {other:?}: expected auto, kvm or tcg"
+            )),
         }
     }
 }
@@ -68,11 +70,17 @@ pub struct AccelDecision {
 
 /// Why KVM cannot be used, judged from the host alone; `None` when it looks usable.
 pub fn host_kvm_obstacle() -> Option<String> {
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         return Some(format!("/dev/kvm cannot be opened ({e})"));
     }
     if Path::new("/sys/module/kvm_pvm").exists() {
-        return Some("/dev/kvm is the PVM software hypervisor, which cannot run stock kernels".into());
+        return Some(
+            "/dev/kvm is the PVM software hypervisor, which cannot run stock kernels".into(),
+        );
     }
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let has_virt = cpuinfo
@@ -80,7 +88,9 @@ pub fn host_kvm_obstacle() -> Option<String> {
         .filter(|l| l.starts_with("flags"))
         .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
     if !has_virt {
-        return Some("the CPU has no VT-x/AMD-V (nested KVM without them cannot run stock kernels)".into());
+        return Some(
+            "the CPU has no VT-x/AMD-V (nested KVM without them cannot run stock kernels)".into(),
+        );
     }
     None
 }
@@ -124,7 +134,10 @@ pub fn probe_kvm_boot(
             if text.contains(PROBE_MARKER) {
                 break Ok(());
             }
-            break Err(format!("the probe guest exited ({status}) without booting: {}", stderr.trim()));
+            break Err(format!(
+                "the probe guest exited ({status}) without booting: {}",
+                stderr.trim()
+            ));
         }
         if started.elapsed() > deadline {
             break Err(format!(
@@ -146,7 +159,10 @@ struct CachedVerdict {
 }
 
 fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().into()
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap_or_default()
+        .trim()
+        .into()
 }
 
 /// Decides the accelerator for `choice`. Auto mode consults the cache in `cache_dir` (valid for
@@ -158,12 +174,20 @@ pub fn decide(
     cache_dir: &Path,
 ) -> Result<AccelDecision, VmmError> {
     match choice {
-        AccelChoice::Tcg => return Ok(AccelDecision { accel: Accel::Tcg, fallback_reason: None }),
+        AccelChoice::Tcg => {
+            return Ok(AccelDecision {
+                accel: Accel::Tcg,
+                fallback_reason: None,
+            })
+        }
         AccelChoice::Kvm => {
             if let Some(reason) = host_kvm_obstacle().filter(|r| r.contains("cannot be opened")) {
                 return Err(VmmError::KvmUnusable(reason));
             }
-            return Ok(AccelDecision { accel: Accel::Kvm, fallback_reason: None });
+            return Ok(AccelDecision {
+                accel: Accel::Kvm,
+                fallback_reason: None,
+            });
         }
         AccelChoice::Auto => {}
     }
@@ -177,13 +201,25 @@ pub fn decide(
         }
     }
     let decision = match host_kvm_obstacle() {
-        Some(reason) => AccelDecision { accel: Accel::Tcg, fallback_reason: Some(reason) },
+        Some(reason) => AccelDecision {
+            accel: Accel::Tcg,
+            fallback_reason: Some(reason),
+        },
         None => match probe_kvm_boot(engine, assets, cache_dir, Duration::from_secs(10)) {
-            Ok(()) => AccelDecision { accel: Accel::Kvm, fallback_reason: None },
-            Err(reason) => AccelDecision { accel: Accel::Tcg, fallback_reason: Some(reason) },
+            Ok(()) => AccelDecision {
+                accel: Accel::Kvm,
+                fallback_reason: None,
+            },
+            Err(reason) => AccelDecision {
+                accel: Accel::Tcg,
+                fallback_reason: Some(reason),
+            },
         },
     };
-    let verdict = CachedVerdict { boot_id: id, decision: decision.clone() };
+    let verdict = CachedVerdict {
+        boot_id: id,
+        decision: decision.clone(),
+    };
     let tmp = cache_dir.join(format!(".accel.json.{}", std::process::id()));
     if std::fs::write(&tmp, serde_json::to_vec(&verdict).unwrap_or_default()).is_ok() {
         let _ = std::fs::rename(&tmp, &cache);

@@ -19,8 +19,10 @@ pub struct GuestAssets {
 impl GuestAssets {
     /// The assets in `dir` (`vmlinux` and `initramfs.img`).
     pub fn in_dir(dir: &Path) -> Result<GuestAssets, VmmError> {
-        let assets =
-            GuestAssets { kernel: dir.join("vmlinux"), initrd: dir.join("initramfs.img") };
+        let assets = GuestAssets {
+            kernel: dir.join("vmlinux"),
+            initrd: dir.join("initramfs.img"),
+        };
         for file in [&assets.kernel, &assets.initrd] {
             if !file.is_file() {
                 return Err(VmmError::AssetsMissing(file.display().to_string()));
@@ -49,6 +51,9 @@ impl GuestAssets {
             tried.push(candidate.display().to_string());
             dir = d.parent();
         }
-        Err(VmmError::AssetsMissing(format!("looked in {}", tried.join(", "))))
+        Err(VmmError::AssetsMissing(format!(
+            "looked in {}",
+            tried.join(", ")
+        )))
     }
 }

@@ -56,14 +56,22 @@ impl QemuEngine {
             cmdline.push(' ');
             cmdline.push_str(extra);
         }
-        push(&["-kernel", &path(&spec.assets.kernel), "-initrd", &path(&spec.assets.initrd)]);
+        push(&[
+            "-kernel",
+            &path(&spec.assets.kernel),
+            "-initrd",
+            &path(&spec.assets.initrd),
+        ]);
         push(&["-append", &cmdline]);
         let serial = format!("file:{}", path(&spec.console_log));
         push(&["-serial", &serial]);
         if let Some(sock) = &spec.agent_socket {
             let chardev = format!("socket,id=agent,path={},server=on,wait=off", path(sock));
             push(&["-device", "virtio-serial-pci,id=vser", "-chardev", &chardev]);
-            push(&["-device", "virtserialport,bus=vser.0,chardev=agent,name=boxlite.agent"]);
+            push(&[
+                "-device",
+                "virtserialport,bus=vser.0,chardev=agent,name=boxlite.agent",
+            ]);
         }
         for (i, disk) in spec.disks.iter().enumerate() {
             let ro = if disk.readonly { ",read-only=on" } else { "" };
@@ -76,8 +84,10 @@ impl QemuEngine {
             push(&["-drive", &drive, "-device", &dev]);
         }
         if let Some(nic) = &spec.nic {
-            let netdev =
-                format!("stream,id=net0,server=off,addr.type=unix,addr.path={}", path(&nic.socket));
+            let netdev = format!(
+                "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+                path(&nic.socket)
+            );
             let dev = format!("virtio-net-pci,netdev=net0,mac={}", nic.mac);
             push(&["-netdev", &netdev, "-device", &dev]);
         }
@@ -102,12 +112,19 @@ impl Engine for QemuEngine {
 
     fn spawn(&self, spec: &VmSpec) -> Result<Child, VmmError> {
         let mut cmd = Command::new(&self.program);
-        cmd.args(self.args(spec)).stdin(Stdio::null()).stdout(Stdio::null());
+        cmd.args(self.args(spec))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
         match &spec.vmm_log {
             Some(log) => {
-                let file = OpenOptions::new().create(true).append(true).open(log).map_err(|e| {
-                    VmmError::Io { context: format!("cannot open {}", log.display()), source: e }
-                })?;
+                let file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .map_err(|e| VmmError::Io {
+                        context: format!("cannot open {}", log.display()),
+                        source: e,
+                    })?;
                 cmd.stderr(file);
             }
             None => {
@@ -122,6 +139,9 @@ impl Engine for QemuEngine {
                 Ok(())
             });
         }
-        cmd.spawn().map_err(|e| VmmError::Spawn { program: self.program.display().to_string(), source: e })
+        cmd.spawn().map_err(|e| VmmError::Spawn {
+            program: self.program.display().to_string(),
+            source: e,
+        })
     }
 }
