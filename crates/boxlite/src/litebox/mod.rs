@@ -275,16 +275,20 @@ impl LiteBox {
         self.wait_shim_gone(timeout + Duration::from_secs(15))
     }
 
+    /// Waits for the Box's shim to exit: the shim records the final state (or removes an
+    /// auto-remove Box) before it exits, so afterwards the state on disk is final.
     fn wait_shim_gone(&mut self, limit: Duration) -> Result<()> {
         let started = Instant::now();
+        let mut pid = self.record.shim_pid;
         loop {
-            self.refresh()?;
-            let alive = self
-                .record
-                .shim_pid
-                .is_some_and(|p| shim_alive(p, &self.record.id));
+            let alive = pid.is_some_and(|p| shim_alive(p, &self.record.id));
             if !alive {
-                return Ok(());
+                match self.refresh() {
+                    Ok(r) if r.shim_pid.is_some() && r.shim_pid != pid => pid = r.shim_pid,
+                    Ok(_) | Err(RuntimeError::BoxNotFound(_)) => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+                continue;
             }
             if started.elapsed() > limit {
                 return Err(RuntimeError::Shim {
@@ -297,9 +301,8 @@ impl LiteBox {
     }
 
     /// Waits until the Box is no longer running (its main process ended or it was stopped).
-    pub fn wait_stopped(&mut self) -> Result<&BoxRecord> {
-        self.wait_shim_gone(Duration::from_secs(u64::MAX / 4))?;
-        self.refresh()
+    pub fn wait_stopped(&mut self) -> Result<()> {
+        self.wait_shim_gone(Duration::from_secs(u64::MAX / 4))
     }
 
     /// Removes the Box and everything it owns. A running Box only with `force`: its shim and VMM

@@ -121,8 +121,8 @@ fn boot_and_serve(args: &ShimArgs, ready: &mut Option<File>) -> Result<(), Strin
     router.close_clients();
     paths.remove_sockets();
     if record.config.auto_remove {
-        let _ = BoxRecord::delete(&db, &record.id);
         let _ = std::fs::remove_dir_all(&paths.dir);
+        let _ = BoxRecord::delete(&db, &record.id);
     } else {
         BoxRecord::mark_exited(&db, &record.id, &reason, code)
             .map_err(|e| format!("cannot record exit: {e}"))?;
