@@ -16,7 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let runtime = Runtime::from_env()?;
-    let mut bx = runtime.create(BoxOptions::new(image))?;
+    let mut opts = BoxOptions::new(image);
+    opts.idle = true;
+    let mut bx = runtime.create(opts)?;
     let accel = bx.start(false)?;
     eprintln!("box {} running under {}", bx.name(), accel.accel);
 

@@ -120,6 +120,9 @@ pub struct BoxOptions {
     pub allow_host: bool,
     pub auto_remove: bool,
     pub accel: AccelChoice,
+    /// Run no main process: the Box stays up until stopped and is driven by `exec` alone (the
+    /// usual way to embed boxlite as a sandbox).
+    pub idle: bool,
 }
 
 impl BoxOptions {
@@ -198,7 +201,7 @@ pub fn main_process(image: &ImageDefaults, opts: &BoxOptions, hostname: &str) ->
         env.push("TERM=xterm".into());
     }
     ProcessSpec {
-        argv: entrypoint.into_iter().chain(cmd).collect(),
+        argv: if opts.idle { vec![] } else { entrypoint.into_iter().chain(cmd).collect() },
         env,
         cwd: opts
             .workdir

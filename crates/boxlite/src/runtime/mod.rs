@@ -5,7 +5,7 @@
 //!
 //! let rt = Runtime::from_env()?;
 //! let mut opts = BoxOptions::new("localhost:5000/busybox:latest");
-//! opts.auto_remove = true;
+//! opts.idle = true; // no main process: the Box runs until stopped
 //! let mut bx = rt.create(opts)?;
 //! bx.start(false)?;
 //! let out = bx.exec_output(&["echo", "hello"])?;

@@ -219,6 +219,9 @@ impl Router {
 
     /// Starts the main process now, unless a CLI is about to attach to it.
     pub fn start_main_unless_attaching(&self) {
+        if self.inner.main_spec.argv.is_empty() {
+            return; // an idle Box: driven by exec alone
+        }
         if !self.inner.attach {
             self.start_main(None, false, 0, 0);
             return;
