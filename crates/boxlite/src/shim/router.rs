@@ -337,6 +337,10 @@ impl Router {
     }
 
     fn attach(&self, conn: &Conn, channel: u32, stdin: bool, rows: u16, cols: u16) {
+        if self.inner.main_spec.argv.is_empty() {
+            self.reply(conn, channel, "this box has no main process to attach to");
+            return;
+        }
         if self.start_main(Some((conn.clone(), channel)), stdin, rows, cols) {
             return;
         }
