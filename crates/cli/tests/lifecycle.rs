@@ -160,3 +160,42 @@ fn ten_boxes_created_and_removed_leave_nothing_behind() {
         assert!(processes_mentioning(&id).is_empty(), "processes of {id} remain");
     }
 }
+
+#[test]
+fn stdin_tty_and_signals_reach_the_process() {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+
+    let env = Env::new();
+    let img = env.busybox();
+
+    // run -i: stdin streams into the main process and its end closes the process's stdin.
+    let mut child = env.cmd().args(["run", "--rm", "-i", img, "sh", "-c", "tr a-z A-Z; echo done"])
+        .stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"hello stdin\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "HELLO STDIN\ndone\n");
+
+    env.ok(&["run", "-d", "--name", "sig", img, "sleep", "1000"]);
+    // exec -t: the process runs on a terminal of the requested size.
+    let out = env.ok(&["exec", "-t", "sig", "sh", "-c", "tty; stty size"]);
+    assert!(out.starts_with("/dev/pts/"), "{out:?}");
+    assert!(out.contains("\r\n"), "terminal output uses CRLF: {out:?}");
+
+    // Ctrl-C on the CLI (SIGINT) reaches the process in the Box.
+    let mut child = env.cmd()
+        .args(["exec", "sig", "sh", "-c", "trap 'echo got-INT; exit 5' INT; echo ready; while true; do sleep 0.1; done"])
+        .stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut buf = [0u8; 6];
+    stdout.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ready\n");
+    // SAFETY: kill(2) of the CLI child this test spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(rest, "got-INT\n");
+    assert_eq!(status.code(), Some(5));
+    env.ok(&["rm", "-f", "sig"]);
+}
