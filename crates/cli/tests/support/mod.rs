@@ -127,3 +127,80 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
     }
     found
 }
+
+/// Debian's `docker-registry` on 127.0.0.1 with its storage in a temp dir; killed on drop.
+pub struct Registry {
+    pub port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry (Debian package docker-registry) runs");
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed().as_secs() < 20, "registry did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Registry { port, child, _dir: dir }
+    }
+
+    /// Pushes `oci:LAYOUT:TAG` to `127.0.0.1:PORT/REPO` with skopeo; returns the reference.
+    pub fn push(&self, layout: &Path, tag: &str, repo: &str) -> String {
+        let reference = format!("127.0.0.1:{}/{repo}", self.port);
+        let out = Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{reference}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "skopeo copy: {}", String::from_utf8_lossy(&out.stderr));
+        reference
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An OCI layout of Debian bookworm (debootstrap --variant=minbase + umoci), tag `bookworm`.
+pub fn debian_layout() -> PathBuf {
+    static LAYOUT: OnceLock<PathBuf> = OnceLock::new();
+    LAYOUT
+        .get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("boxlite-test-debian-{}", std::process::id()));
+            let status = Command::new("bash")
+                .arg(repo_root().join("scripts/make-debian-image.sh"))
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(status.success(), "make-debian-image.sh failed");
+            dir
+        })
+        .clone()
+}
