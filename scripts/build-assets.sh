@@ -2,7 +2,8 @@
 # Builds the boot assets of a Box into target/assets/:
 #   vmlinux          Debian's uncompressed kernel (from scripts/fetch-kernel.sh)
 #   kernel.version   its version string
-#   initramfs.img    gzip'd cpio (newc): /init = the static guest agent, the kernel modules the guest
+#   initramfs.img    uncompressed cpio (newc; gzip would cost more to inflate under TCG than it
+#                    saves in loading): /init = the static guest agent, the kernel modules the guest
 #                    needs (with their dependencies, in load order, listed in /boxlite/modules.order),
 #                    and Debian's mke2fs with its shared libraries and loader under /boxlite/ so the
 #                    agent can format a fresh volume before switching root.
@@ -83,7 +84,7 @@ for lib in "${libs[@]}"; do cp -L "$lib" "$tree/boxlite/lib/"; done
 cp /etc/mke2fs.conf "$tree/boxlite/mke2fs.conf"
 
 (cd "$tree" && find . -mindepth 1 | LC_ALL=C sort |
-  cpio --quiet -o -H newc -R 0:0 --reproducible) | gzip -n -6 >"$stage/initramfs.img"
+  cpio --quiet -o -H newc -R 0:0 --reproducible) >"$stage/initramfs.img"
 cp "$kernel_dir/vmlinux" "$stage/vmlinux"
 echo "$version" >"$stage/kernel.version"
 

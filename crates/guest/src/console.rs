@@ -7,9 +7,13 @@
 
 use std::io::Write;
 
-/// Writes one line to the console, prefixed `boxlite-guest:`.
+/// Writes one line to the console, prefixed `boxlite-guest:` and the seconds since boot (the
+/// kernel's clock, so lines line up with kernel messages).
 pub fn line(args: std::fmt::Arguments<'_>) {
-    let text = format!("boxlite-guest: {args}\n");
+    let since_boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+        .unwrap_or(0.0);
+    let text = format!("boxlite-guest: [{since_boot:.3}] {args}\n");
     // One write per line keeps lines from different threads whole; a console that cannot be
     // written to has nowhere better to report it.
     let _ = std::io::stderr().lock().write_all(text.as_bytes());

@@ -356,11 +356,22 @@ fn disks_survive_shutdown_and_reboot() {
         "{out:?}"
     );
 
-    let bad = ExecRequest {
+    // The host side may disconnect and come back; the agent keeps serving.
+    drop(agent);
+    let agent = vm.connect();
+    let out = agent.run(&["echo", "again"]);
+    exited(&out, 0);
+    assert_eq!(
+        out.stdout, b"again\n",
+        "the agent serves a reconnected host"
+    );
+
+    // No PATH and no cwd in the request: docker's default PATH and `/` apply.
+    let bare = ExecRequest {
         argv: vec!["true".into()],
         ..ExecRequest::default()
     };
-    let out = agent.exec(bad).wait(MINUTE);
+    let out = agent.exec(bare).wait(MINUTE);
     exited(&out, 0);
     agent.control(0, &Control::Shutdown);
     assert!(vm.wait_exit(MINUTE).success());

@@ -283,6 +283,14 @@ pub struct Agent {
     console: PathBuf,
 }
 
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // The reader thread holds a clone of the socket: shut it down to really disconnect.
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = writer.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 /// What one exec session produced.
 #[derive(Debug, Default)]
 pub struct Output {
