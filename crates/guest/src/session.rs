@@ -48,8 +48,18 @@ pub enum Input {
 pub struct Session {
     pub channel: u32,
     input: Sender<Input>,
-    pid: Mutex<Option<Pid>>,
-    terminal: Mutex<Option<Arc<OwnedFd>>>,
+    handles: Mutex<Handles>,
+}
+
+/// What `Signal` and `Resize` act on; they may arrive before the process exists.
+#[derive(Debug, Default)]
+struct Handles {
+    pid: Option<Pid>,
+    terminal: Option<Arc<OwnedFd>>,
+    /// Signals that arrived before the process started, delivered once it has.
+    pending_signals: Vec<Signal>,
+    /// A size that arrived before the terminal existed.
+    pending_size: Option<(u16, u16)>,
 }
 
 impl Session {
@@ -59,8 +69,7 @@ impl Session {
         let session = Session {
             channel,
             input,
-            pid: Mutex::new(None),
-            terminal: Mutex::new(None),
+            handles: Mutex::default(),
         };
         (Arc::new(session), rx)
     }
@@ -73,18 +82,26 @@ impl Session {
     /// Delivers `signal` to the session's process group.
     pub fn signal(&self, signal: i32) -> Result<(), String> {
         let signal = Signal::try_from(signal).map_err(|_| format!("unknown signal {signal}"))?;
-        if let Some(pid) = *self.pid.lock().unwrap_or_else(|e| e.into_inner()) {
+        let mut handles = self.handles();
+        match handles.pid {
             // The process may have ended already; that is not the host's error.
-            let _ = killpg(pid, signal);
+            Some(pid) => drop(killpg(pid, signal)),
+            None => handles.pending_signals.push(signal),
         }
         Ok(())
     }
 
     /// Sets the terminal size of a tty session.
     pub fn resize(&self, rows: u16, cols: u16) {
-        if let Some(master) = &*self.terminal.lock().unwrap_or_else(|e| e.into_inner()) {
-            set_window_size(master.as_raw_fd(), rows, cols);
+        let mut handles = self.handles();
+        match &handles.terminal {
+            Some(master) => set_window_size(master.as_raw_fd(), rows, cols),
+            None => handles.pending_size = Some((rows, cols)),
         }
+    }
+
+    fn handles(&self) -> std::sync::MutexGuard<'_, Handles> {
+        self.handles.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs the session to its end; sends `Started`, the output, then `Exited` (or `Error`).
@@ -134,6 +151,13 @@ impl Session {
         }
 
         let stdio = Stdio::new(req)?;
+        if let Some(master) = &stdio.terminal {
+            let mut handles = self.handles();
+            if let Some((rows, cols)) = handles.pending_size.take() {
+                set_window_size(master.as_raw_fd(), rows, cols);
+            }
+            handles.terminal = Some(Arc::clone(master));
+        }
         let spec = ProcessSpec {
             path: cstring(path.as_os_str().as_bytes())?,
             argv: req
@@ -158,11 +182,16 @@ impl Session {
             stdin,
             stdout,
             stderr,
-            terminal,
+            terminal: _,
         } = stdio;
         drop(child);
-        *self.pid.lock().unwrap_or_else(|e| e.into_inner()) = Some(pid);
-        *self.terminal.lock().unwrap_or_else(|e| e.into_inner()) = terminal.clone();
+        {
+            let mut handles = self.handles();
+            handles.pid = Some(pid);
+            for signal in handles.pending_signals.drain(..) {
+                let _ = killpg(pid, signal);
+            }
+        }
         sink.control(
             channel,
             &Control::Started {
@@ -192,7 +221,7 @@ impl Session {
         for pump in pumps {
             let _ = pump.join();
         }
-        *self.terminal.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.handles().terminal = None;
         Ok(status)
     }
 }

@@ -159,6 +159,16 @@ fn terminals(agent: &Agent) {
         out.stderr.is_empty(),
         "a tty session has no separate stderr"
     );
+
+    // End of stdin on a terminal is its EOF character: `cat` ends normally.
+    let mut req = request(&["cat"]);
+    req.tty = true;
+    req.stdin = true;
+    let cat = agent.exec(req);
+    cat.stdin(b"typed\n");
+    cat.read_until("typed\r\n", MINUTE);
+    cat.control(&Control::StdinEof);
+    exited(&cat.wait(MINUTE), 0);
 }
 
 fn signals_and_concurrency(agent: &Agent) {
@@ -176,6 +186,12 @@ fn signals_and_concurrency(agent: &Agent) {
     let out = reader.wait(MINUTE);
     exited(&out, 0);
     assert_eq!(out.stdout, b"got it\n");
+
+    // A signal sent before the process has even started is delivered once it has.
+    let early = agent.exec(request(&["sleep", "100"]));
+    early.control(&Control::Signal { signal: 15 });
+    let out = early.wait(MINUTE);
+    assert_eq!((out.code, out.signal), (None, Some(15)), "{out:?}");
 
     let asked = Instant::now();
     sleeper.control(&Control::Signal { signal: 2 });
@@ -262,6 +278,23 @@ fn box_environment(agent: &Agent) {
     ] {
         assert!(text.contains(fs), "missing{fs}: {text}");
     }
+    // PID 1 reaps orphans: background children of a finished shell leave no zombies.
+    exited(
+        &agent.run(&["sh", "-c", "sleep 0.2 & sleep 0.3 & exit 0"]),
+        0,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let out = agent.run(&["sh", "-c", "cat /proc/[0-9]*/stat"]);
+    let stat = out.stdout_text();
+    let zombies: Vec<&str> = stat
+        .lines()
+        .filter(|l| {
+            l.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .collect();
+    assert!(zombies.is_empty(), "zombies left: {zombies:?}");
+
     let out = agent.run(&["cat", "/proc/1/cmdline"]);
     assert_eq!(out.stdout, b"/init\0", "the agent is PID 1");
 }
@@ -309,7 +342,7 @@ fn disks_survive_shutdown_and_reboot() {
         "sh",
         "-c",
         "cat /etc/resolv.conf; echo kept > /root/persist.txt; echo cfg > /data/config.txt; \
-         sleep 1000 & sleep 1000 </dev/null >/dev/null 2>&1 & echo done",
+         sleep 1000 & (trap '' TERM; sleep 1000) </dev/null >/dev/null 2>&1 & echo done",
     ]);
     exited(&out, 0);
     assert_eq!(out.stdout_text(), "nameserver 192.168.127.1\ndone\n");
@@ -342,6 +375,11 @@ fn disks_survive_shutdown_and_reboot() {
         },
     ];
     ready(agent.setup(second));
+    let dmesg = agent.run(&["dmesg"]).stdout_text();
+    assert!(
+        !dmesg.contains("recovery complete") && !dmesg.contains("not clean"),
+        "the filesystems were unmounted cleanly at Shutdown: {dmesg}"
+    );
     let out = agent.run(&[
         "sh",
         "-c",
