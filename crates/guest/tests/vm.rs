@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use boxlite_protocol::{Control, ExecRequest, FileSpec, MountSource, MountSpec, PROTOCOL_VERSION};
 use sha2::{Digest, Sha256};
-use support::{request, setup, Agent, Disk, Vm};
+use support::{request, setup, Agent, Disk, Share, Vm};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -327,11 +327,39 @@ fn disks_survive_shutdown_and_reboot() {
         file: None,
     };
 
-    // First boot: the fresh volume is formatted; files are written to root and volume.
-    let mut vm = Vm::launch(dir.path(), &disks, "");
+    // A host directory shared through virtiofs, as a directory and as a single read-only file.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::write(shared.join("settings.ini"), "from the host\n").unwrap();
+    let share = Share {
+        dir: shared.clone(),
+        tag: "hostdir".into(),
+    };
+    let share_mounts = [
+        MountSpec {
+            source: MountSource::Virtiofs {
+                tag: "hostdir".into(),
+            },
+            target: "/mnt/host".into(),
+            readonly: false,
+            file: None,
+        },
+        MountSpec {
+            source: MountSource::Virtiofs {
+                tag: "hostdir".into(),
+            },
+            target: "/etc/settings.ini".into(),
+            readonly: true,
+            file: Some("settings.ini".into()),
+        },
+    ];
+
+    // First boot: the fresh volume is formatted; files are written to root, volume and share.
+    let mut vm = Vm::launch_with_shares(dir.path(), &disks, &[share], "");
     let agent = vm.connect();
     let mut first = setup("box-b", false);
     first.mounts = vec![data_mount.clone()];
+    first.mounts.extend(share_mounts);
     first.files = vec![FileSpec {
         path: "/etc/resolv.conf".into(),
         contents: "nameserver 192.168.127.1\n".into(),
@@ -346,6 +374,22 @@ fn disks_survive_shutdown_and_reboot() {
     ]);
     exited(&out, 0);
     assert_eq!(out.stdout_text(), "nameserver 192.168.127.1\ndone\n");
+    let out = agent.run(&[
+        "sh",
+        "-c",
+        "cat /etc/settings.ini; echo guest > /mnt/host/from-guest.txt; \
+         echo x > /etc/settings.ini || echo refused",
+    ]);
+    assert_eq!(out.stdout_text(), "from the host\nrefused\n", "{out:?}");
+    assert_eq!(
+        std::fs::read_to_string(shared.join("from-guest.txt")).unwrap(),
+        "guest\n",
+        "a write in the guest lands in the host directory"
+    );
+    assert_eq!(
+        std::fs::read_to_string(shared.join("settings.ini")).unwrap(),
+        "from the host\n"
+    );
     let df = agent.run(&["df", "-k", "/"]).stdout_text();
     assert!(df.contains("/dev/vd"), "{df}");
 

@@ -139,10 +139,44 @@ pub struct Disk {
     pub serial: String,
 }
 
+/// A host directory shared with the guest through virtiofsd.
+#[derive(Debug, Clone)]
+pub struct Share {
+    pub dir: PathBuf,
+    pub tag: String,
+}
+
+/// Starts virtiofsd for `share`; its socket is `socket`.
+fn start_virtiofsd(share: &Share, socket: &Path) -> Child {
+    let _ = fs::remove_file(socket);
+    let child = Command::new("virtiofsd")
+        .arg("--shared-dir")
+        .arg(&share.dir)
+        .arg("--socket-path")
+        .arg(socket)
+        .args(["--cache", "never", "--sandbox", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("virtiofsd (cargo install virtiofsd; needs libseccomp-dev libcap-ng-dev)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "virtiofsd made no socket at {}",
+            socket.display()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
 /// A running QEMU.
 #[derive(Debug)]
 pub struct Vm {
     child: Child,
+    virtiofsd: Vec<Child>,
     pub console: PathBuf,
     pub socket: PathBuf,
     pub started: Instant,
@@ -152,6 +186,17 @@ impl Vm {
     /// Boots the guest with `disks` (the first is the root) in `dir`; `extra_append` goes on the
     /// kernel command line.
     pub fn launch(dir: &Path, disks: &[Disk], extra_append: &str) -> Vm {
+        Vm::launch_with_shares(dir, disks, &[], extra_append)
+    }
+
+    /// Like [`Vm::launch`], plus virtiofs shares (guest memory is then a shared memfd, as
+    /// vhost-user needs).
+    pub fn launch_with_shares(
+        dir: &Path,
+        disks: &[Disk],
+        shares: &[Share],
+        extra_append: &str,
+    ) -> Vm {
         let assets = assets();
         let console = dir.join("console.log");
         let socket = dir.join("agent.sock");
@@ -193,6 +238,19 @@ impl Vm {
                     disk.serial
                 ));
         }
+        let mut virtiofsd = Vec::new();
+        if !shares.is_empty() {
+            cmd.args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+                .args(["-numa", "node,memdev=mem"]);
+        }
+        for (i, share) in shares.iter().enumerate() {
+            let socket = dir.join(format!("fs{i}.sock"));
+            virtiofsd.push(start_virtiofsd(share, &socket));
+            cmd.arg("-chardev")
+                .arg(format!("socket,id=fs{i},path={}", socket.display()))
+                .arg("-device")
+                .arg(format!("vhost-user-fs-pci,chardev=fs{i},tag={}", share.tag));
+        }
         cmd.arg("-no-reboot")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -203,6 +261,7 @@ impl Vm {
             .expect("qemu-system-x86_64 (install QEMU, see setup-host.sh)");
         Vm {
             child,
+            virtiofsd,
             console,
             socket,
             started,
@@ -265,9 +324,11 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        for child in std::iter::once(&mut self.child).chain(self.virtiofsd.iter_mut()) {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 }
