@@ -12,7 +12,6 @@ use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -26,7 +25,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use crate::console::log;
-use crate::lookup::find_program;
+use crate::lookup::{find_program, LookupError};
 use crate::port::FrameSink;
 use crate::reaper::{ExitStatus, Reaper};
 use crate::spawn::{self, ProcessSpec, SpawnError, Step};
@@ -35,6 +34,49 @@ use crate::user;
 /// How long output may stay idle after the process ended before the session stops waiting for
 /// end of file.
 pub const LINGER: Duration = Duration::from_millis(250);
+
+/// Why a session could not start. The message goes to the host in `Control::Error`; the ones
+/// about the program follow docker's wording (see `lookup`).
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Program(#[from] LookupError),
+    #[error(transparent)]
+    User(#[from] user::UserError),
+    #[error("working directory {0:?} is not an absolute path")]
+    RelativeCwd(String),
+    #[error("working directory {0} is not a directory")]
+    CwdNotDirectory(String),
+    #[error("cannot create working directory {path}: {source}")]
+    CreateCwd {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("argument, variable or path holds a NUL byte: {0:?}")]
+    NulByte(String),
+    #[error("cannot set up the session's stdio ({what}): {errno}")]
+    Stdio {
+        what: &'static str,
+        errno: nix::errno::Errno,
+    },
+    #[error("exec: {program:?}: {}", .errno.desc().to_lowercase())]
+    Exec {
+        program: String,
+        errno: nix::errno::Errno,
+    },
+    #[error("chdir to working directory {cwd}: {}", .errno.desc().to_lowercase())]
+    Chdir {
+        cwd: String,
+        errno: nix::errno::Errno,
+    },
+    #[error(transparent)]
+    Spawn(SpawnError),
+    #[error("cannot report the start to the host: {0}")]
+    Report(#[source] std::io::Error),
+    #[error("the reaper stopped before the process ended")]
+    ReaperGone,
+}
 
 /// Stdin traffic from the host.
 #[derive(Debug)]
@@ -60,6 +102,8 @@ struct Handles {
     pending_signals: Vec<Signal>,
     /// A size that arrived before the terminal existed.
     pending_size: Option<(u16, u16)>,
+    /// The process was reaped.
+    ended: bool,
 }
 
 impl Session {
@@ -84,7 +128,8 @@ impl Session {
         let signal = Signal::try_from(signal).map_err(|_| format!("unknown signal {signal}"))?;
         let mut handles = self.handles();
         match handles.pid {
-            // The process may have ended already; that is not the host's error.
+            _ if handles.ended => {}
+            // Group members may have ended already; that is not the host's error.
             Some(pid) => drop(killpg(pid, signal)),
             None => handles.pending_signals.push(signal),
         }
@@ -123,7 +168,8 @@ impl Session {
                 code: None,
                 signal: Some(sig),
             },
-            Err(message) => {
+            Err(e) => {
+                let message = e.to_string();
                 log!("exec on channel {channel} failed: {message}");
                 Control::Error { message }
             }
@@ -139,11 +185,11 @@ impl Session {
         input: Receiver<Input>,
         sink: &Arc<FrameSink>,
         reaper: &Reaper,
-    ) -> Result<ExitStatus, String> {
+    ) -> Result<ExitStatus, ExecError> {
         let channel = self.channel;
         let program = req.argv.first().cloned().unwrap_or_default();
-        let user = user::resolve(&req.user, Path::new("/etc")).map_err(|e| e.to_string())?;
-        let path = find_program(&program, &req.env).map_err(|e| e.to_string())?;
+        let user = user::resolve(&req.user, Path::new("/etc"))?;
+        let path = find_program(&program, &req.env)?;
         let cwd = prepare_cwd(&req.cwd)?;
         let mut env = req.env.clone();
         if !env.iter().any(|kv| kv.starts_with("HOME=")) {
@@ -176,7 +222,7 @@ impl Session {
         };
         let (pid, exit) = reaper
             .spawn_with(|| spawn::spawn(&spec))
-            .map_err(|e| spawn_message(&program, &cwd, e))?;
+            .map_err(|e| spawn_error(&program, &cwd, e))?;
         let Stdio {
             child,
             stdin,
@@ -198,13 +244,15 @@ impl Session {
                 pid: pid.as_raw() as u32,
             },
         )
-        .map_err(|e| format!("cannot report the start: {e}"))?;
+        .map_err(ExecError::Report)?;
 
-        let exited = Arc::new(AtomicBool::new(false));
+        // Closing `ended` tells the pumps the process is gone.
+        let (exit_notice, ended) = pipe()?;
+        let exit_notice = Arc::new(exit_notice);
         let mut pumps = Vec::new();
         for (fd, tag) in [(stdout, Tag::Stdout), (stderr, Tag::Stderr)] {
             let Some(fd) = fd else { continue };
-            let (sink, exited) = (Arc::clone(sink), Arc::clone(&exited));
+            let (sink, exited) = (Arc::clone(sink), Arc::clone(&exit_notice));
             pumps.push(thread::spawn(move || {
                 pump_output(&fd, channel, tag, &sink, &exited)
             }));
@@ -214,10 +262,10 @@ impl Session {
             thread::spawn(move || feed_input(fd, input, tty));
         }
 
-        let status = exit
-            .recv()
-            .map_err(|_| "the reaper stopped before the process ended".to_string())?;
-        exited.store(true, Ordering::SeqCst);
+        let status = exit.recv().map_err(|_| ExecError::ReaperGone)?;
+        // Signals for this channel must not reach a later process that reuses the pid.
+        self.handles().ended = true;
+        drop(ended);
         for pump in pumps {
             let _ = pump.join();
         }
@@ -237,7 +285,7 @@ struct Stdio {
 }
 
 impl Stdio {
-    fn new(req: &ExecRequest) -> Result<Stdio, String> {
+    fn new(req: &ExecRequest) -> Result<Stdio, ExecError> {
         if req.tty {
             let size = Winsize {
                 ws_row: if req.rows == 0 { 24 } else { req.rows },
@@ -245,7 +293,10 @@ impl Stdio {
                 ws_xpixel: 0,
                 ws_ypixel: 0,
             };
-            let pty = openpty(Some(&size), None).map_err(|e| format!("openpty: {e}"))?;
+            let pty = openpty(Some(&size), None).map_err(|errno| ExecError::Stdio {
+                what: "openpty",
+                errno,
+            })?;
             cloexec(&pty.master)?;
             cloexec(&pty.slave)?;
             let master = Arc::new(pty.master);
@@ -262,10 +313,11 @@ impl Stdio {
             let (r, w) = pipe()?;
             (r, Some(w))
         } else {
-            (
-                spawn::dev_null().map_err(|e| format!("open /dev/null: {e}"))?,
-                None,
-            )
+            let null = spawn::dev_null().map_err(|e| ExecError::Stdio {
+                what: "/dev/null",
+                errno: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            })?;
+            (null, None)
         };
         let (stdout, stdout_child) = pipe()?;
         let (stderr, stderr_child) = pipe()?;
@@ -291,57 +343,64 @@ impl Stdio {
     }
 }
 
-fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
-    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+fn pipe() -> Result<(OwnedFd, OwnedFd), ExecError> {
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|errno| ExecError::Stdio {
+        what: "pipe",
+        errno,
+    })?;
     // A larger pipe means fewer wake-ups for bulk output; the default size is fine if refused.
     let _ = fcntl(w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(1 << 20));
     Ok((r, w))
 }
 
-fn cloexec(fd: &OwnedFd) -> Result<(), String> {
+fn cloexec(fd: &OwnedFd) -> Result<(), ExecError> {
     fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
         .map(drop)
-        .map_err(|e| format!("fcntl: {e}"))
+        .map_err(|errno| ExecError::Stdio {
+            what: "close-on-exec",
+            errno,
+        })
 }
 
-fn cstring(bytes: &[u8]) -> Result<CString, String> {
-    CString::new(bytes).map_err(|_| {
-        format!(
-            "argument, variable or path holds a NUL byte: {:?}",
-            String::from_utf8_lossy(bytes)
-        )
-    })
+fn cstring(bytes: &[u8]) -> Result<CString, ExecError> {
+    CString::new(bytes).map_err(|_| ExecError::NulByte(String::from_utf8_lossy(bytes).into()))
 }
 
 /// Creates the working directory if missing (as docker does); refuses a non-directory.
-fn prepare_cwd(cwd: &str) -> Result<String, String> {
+fn prepare_cwd(cwd: &str) -> Result<String, ExecError> {
     let cwd = if cwd.is_empty() { "/" } else { cwd };
     if !cwd.starts_with('/') {
-        return Err(format!("working directory {cwd:?} is not an absolute path"));
+        return Err(ExecError::RelativeCwd(cwd.into()));
     }
     match std::fs::metadata(cwd) {
         Ok(meta) if meta.is_dir() => Ok(cwd.to_string()),
-        Ok(_) => Err(format!("working directory {cwd} is not a directory")),
+        Ok(_) => Err(ExecError::CwdNotDirectory(cwd.into())),
         Err(_) => std::fs::create_dir_all(cwd)
             .map(|()| cwd.to_string())
-            .map_err(|e| format!("cannot create working directory {cwd}: {e}")),
+            .map_err(|source| ExecError::CreateCwd {
+                path: cwd.into(),
+                source,
+            }),
     }
 }
 
-fn spawn_message(program: &str, cwd: &str, e: SpawnError) -> String {
+fn spawn_error(program: &str, cwd: &str, e: SpawnError) -> ExecError {
     match e {
         SpawnError::Child {
             step: Step::Exec,
             errno,
-        } => format!("exec: {program:?}: {}", errno.desc().to_lowercase()),
+        } => ExecError::Exec {
+            program: program.into(),
+            errno,
+        },
         SpawnError::Child {
             step: Step::Chdir,
             errno,
-        } => format!(
-            "chdir to working directory {cwd}: {}",
-            errno.desc().to_lowercase()
-        ),
-        other => other.to_string(),
+        } => ExecError::Chdir {
+            cwd: cwd.into(),
+            errno,
+        },
+        other => ExecError::Spawn(other),
     }
 }
 
@@ -357,31 +416,52 @@ fn set_window_size(fd: i32, rows: u16, cols: u16) {
 }
 
 /// Forwards one output stream until end of file, or until it has stayed idle for [`LINGER`]
-/// after the process ended.
-fn pump_output(fd: &OwnedFd, channel: u32, tag: Tag, sink: &FrameSink, exited: &AtomicBool) {
+/// after the process ended (`exit_notice` reports a hang-up then).
+fn pump_output(fd: &OwnedFd, channel: u32, tag: Tag, sink: &FrameSink, exit_notice: &OwnedFd) {
     let mut buf = vec![0u8; MAX_BODY];
+    // Since when the stream is idle after the process ended.
     let mut idle_since: Option<Instant> = None;
     loop {
-        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(50u16)) {
-            Ok(0) => {
-                if exited.load(Ordering::SeqCst) {
-                    let since = *idle_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= LINGER {
-                        return;
-                    }
+        let readable = match idle_since {
+            None => {
+                let mut fds = [
+                    PollFd::new(fd.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(exit_notice.as_fd(), PollFlags::POLLIN),
+                ];
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => return,
                 }
-                continue;
+                if fds[1].any().unwrap_or(false) {
+                    idle_since = Some(Instant::now());
+                }
+                fds[0].any().unwrap_or(false)
             }
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return,
+            Some(since) => {
+                let left = LINGER.saturating_sub(since.elapsed());
+                if left.is_zero() {
+                    return;
+                }
+                let millis = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+                let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+                match poll(&mut fds, PollTimeout::from(millis)) {
+                    Ok(n) => n > 0,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => return,
+                }
+            }
+        };
+        if !readable {
+            continue;
         }
         match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
             // EIO: the terminal's last slave descriptor closed.
             Ok(0) | Err(nix::errno::Errno::EIO) => return,
             Ok(n) => {
-                idle_since = None;
+                if idle_since.is_some() {
+                    idle_since = Some(Instant::now());
+                }
                 if sink.data(channel, tag, &buf[..n]).is_err() {
                     return;
                 }

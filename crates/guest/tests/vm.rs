@@ -187,6 +187,17 @@ fn signals_and_concurrency(agent: &Agent) {
     exited(&out, 0);
     assert_eq!(out.stdout, b"got it\n");
 
+    // A background child that keeps stdout open does not hold the session's end hostage.
+    let asked = Instant::now();
+    let out = agent.run(&["sh", "-c", "sleep 100 & echo started"]);
+    exited(&out, 0);
+    assert_eq!(out.stdout, b"started\n");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        asked.elapsed()
+    );
+
     // A signal sent before the process has even started is delivered once it has.
     let early = agent.exec(request(&["sleep", "100"]));
     early.control(&Control::Signal { signal: 15 });
