@@ -4,7 +4,7 @@
 #   kernel.version   its version string
 #   initramfs.img    uncompressed cpio (newc; gzip would cost more to inflate under TCG than it
 #                    saves in loading): /init = the static guest agent, the kernel modules the guest
-#                    needs (with their dependencies, in load order, listed in /boxlite/modules.order),
+#                    may need (with their dependencies, listed in /boxlite/modules.dep),
 #                    and Debian's mke2fs with its shared libraries and loader under /boxlite/ so the
 #                    agent can format a fresh volume before switching root.
 #
@@ -17,10 +17,11 @@ out="${BOXLITE_ASSETS_DIR:-$root/target/assets}"
 kernel_dir="${BOXLITE_KERNEL_DIR:-$root/assets/kernel}"
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 
-# The modules the agent loads, in this order; dependencies are resolved by modprobe and inserted
-# before the module that needs them. crc32c_intel is absent on purpose (ENODEV under TCG).
-wanted=(virtio_pci virtio_blk virtio_net virtio_console af_packet fuse virtiofs overlay
-  crc32c_generic ext4 erofs)
+# The modules the agent may load. Each gets one line in /boxlite/modules.dep:
+#   NAME: FILE.ko ... NAME.ko      (its dependencies first, as modprobe resolves them)
+# The agent loads the virtio transport, console and block drivers at boot and the rest only when
+# a Box asks for them (a filesystem type, virtiofs, a NIC).
+wanted=(virtio_pci virtio_console virtio_blk virtio_net af_packet fuse virtiofs overlay ext4 erofs)
 
 bash "$root/scripts/fetch-kernel.sh" >/dev/null
 version=$(cat "$kernel_dir/VERSION")
@@ -34,21 +35,24 @@ if readelf -l "$agent" | grep -q 'program interpreter'; then
   exit 1
 fi
 
-# Resolve each wanted module to the files to load, dependencies first, each file once.
-modules=()
+modules=()     # every file to pack, once
+dep_lines=()   # one line per wanted module
 declare -A seen=()
 for m in "${wanted[@]}"; do
   if ! deps=$(modprobe -d "$moddir" -S "$version" --show-depends "$m" 2>&1); then
-    if grep -q 'builtin' <<<"$deps"; then continue; fi
     echo "build-assets: cannot resolve module $m: $deps" >&2
     exit 1
   fi
+  files=()
   while read -r kind path _; do
     [ "$kind" = insmod ] || continue
+    files+=("$(basename "$path")")
     [ -n "${seen[$path]:-}" ] && continue
     seen[$path]=1
     modules+=("$path")
   done <<<"$deps"
+  # Built-in modules (modprobe prints "builtin NAME") need no line.
+  if [ ${#files[@]} -gt 0 ]; then dep_lines+=("$m: ${files[*]}"); fi
 done
 
 # mke2fs and everything its loader needs.
@@ -60,7 +64,7 @@ while read -r lib; do libs+=("$lib"); done < <(ldd "$mke2fs" | awk '/=> \//{prin
 stamp=$( {
   echo "version $version"
   sha256sum "$agent" "$kernel_dir/vmlinux" "$mke2fs" "${libs[@]}" "${modules[@]}" /etc/mke2fs.conf \
-    "$0"
+    "$root/scripts/build-assets.sh"
 } | sha256sum | cut -d' ' -f1)
 if [ -s "$out/initramfs.img" ] && [ -s "$out/vmlinux" ] && [ "$(cat "$out/.stamp" 2>/dev/null)" = "$stamp" ]; then
   echo "build-assets: up to date in $out"
@@ -74,11 +78,8 @@ tree="$stage/tree"
 mkdir -p "$tree"/{dev,proc,sys,newroot,boxlite/modules,boxlite/lib}
 mknod -m 600 "$tree/dev/console" c 5 1
 strip -o "$tree/init" "$agent" && chmod 755 "$tree/init"
-for m in "${modules[@]}"; do
-  name=$(basename "$m")
-  cp "$m" "$tree/boxlite/modules/$name"
-  echo "$name" >>"$tree/boxlite/modules.order"
-done
+for m in "${modules[@]}"; do cp "$m" "$tree/boxlite/modules/"; done
+printf '%s\n' "${dep_lines[@]}" >"$tree/boxlite/modules.dep"
 cp "$mke2fs" "$tree/boxlite/mke2fs"
 for lib in "${libs[@]}"; do cp -L "$lib" "$tree/boxlite/lib/"; done
 cp /etc/mke2fs.conf "$tree/boxlite/mke2fs.conf"

@@ -1,6 +1,6 @@
 //! The boxlite guest agent: PID 1 of every Box.
 //!
-//! Boot: console descriptors, /proc /sys /dev, kernel modules (`modules`), then either the probe
+//! Boot: console descriptors, /proc /sys /dev, the drivers every Box needs (`modules`), then either the probe
 //! answer (`boxlite.probe=1` on the kernel command line: print `BOXLITE-PROBE-OK` and power off)
 //! or the service: open the `boxlite.agent` virtio-serial port and serve the host (`server`), which
 //! assembles the Box on `Setup` (`setup`), runs exec sessions (`session`) and powers off on
@@ -50,8 +50,11 @@ fn main() {
         let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
     }
 
-    let loaded = modules::load_all(Path::new("/boxlite"));
-    log!("{loaded} kernel modules loaded");
+    modules::open_catalog(Path::new("/boxlite"));
+    for module in modules::BOOT_MODULES {
+        modules::ensure(module);
+    }
+    log!("boot modules loaded");
     if let Err(e) = reaper::block_sigchld() {
         log!("cannot block SIGCHLD: {e}");
     }

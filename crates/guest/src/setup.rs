@@ -17,7 +17,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::console::log;
 use crate::reaper::Reaper;
-use crate::{dhcp, disk, mounts, netif};
+use crate::{dhcp, disk, modules, mounts, netif};
 
 /// Where the root disk is mounted before the switch.
 const NEW_ROOT: &str = "/newroot";
@@ -117,6 +117,7 @@ fn prepare_root(setup: &GuestSetup, reaper: &Reaper) -> Result<(), SetupError> {
     } else {
         setup.root.fstype.as_str()
     };
+    load_modules(setup);
     fs::create_dir_all(NEW_ROOT).map_err(SetupError::System)?;
     mount(
         Some(&device),
@@ -154,6 +155,20 @@ fn prepare_root(setup: &GuestSetup, reaper: &Reaper) -> Result<(), SetupError> {
         }
     }
     Ok(())
+}
+
+/// Loads the drivers this Box's filesystems and NIC need.
+fn load_modules(setup: &GuestSetup) {
+    modules::ensure(modules::for_filesystem(&setup.root.fstype));
+    for spec in &setup.mounts {
+        match &spec.source {
+            MountSource::Block { fstype, .. } => modules::ensure(modules::for_filesystem(fstype)),
+            MountSource::Virtiofs { .. } => modules::ensure("virtiofs"),
+        }
+    }
+    if setup.network.is_some() {
+        modules::ensure("virtio_net");
+    }
 }
 
 /// Moves NEW_ROOT over `/` and enters it, freeing the initramfs's files first.
