@@ -359,7 +359,7 @@ impl RegistryClient {
             }
             let resp = req.call().map_err(|source| RegistryError::Transport {
                 url: strip_query(&current),
-                source,
+                source: Box::new(source),
             })?;
             let status = resp.status();
             debug!(url = %strip_query(&current), status = status.as_u16(), "registry response");

@@ -31,7 +31,7 @@ pub enum RegistryError {
     Transport {
         url: String,
         #[source]
-        source: ureq::Error,
+        source: Box<ureq::Error>,
     },
     /// Reading a response body failed midway.
     #[error("reading the response from {url} failed")]
