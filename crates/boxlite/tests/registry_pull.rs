@@ -183,7 +183,7 @@ fn images_sharing_layers_fetch_only_new_ones() {
     let err = images
         .remove(
             &format!("{}/test/busybox:del", reg.host()),
-            &[del.id.clone()],
+            std::slice::from_ref(&del.id),
         )
         .unwrap_err();
     assert!(err.to_string().contains("used by a Box"), "{err}");
