@@ -73,7 +73,6 @@ pub enum LayerError {
     #[error("layer member {member:?} refused: its name {problem}")]
     BadName {
         member: String,
-        #[source]
         problem: PathProblem,
     },
     /// The member's hardlink target is not acceptable.
@@ -81,7 +80,6 @@ pub enum LayerError {
     BadLinkTarget {
         member: String,
         target: String,
-        #[source]
         problem: PathProblem,
     },
     /// The member would do something unsafe or impossible.

@@ -108,7 +108,8 @@ struct Pax {
     sparse_name: Option<Vec<u8>>,
     sparse_realsize: Option<u64>,
     sparse_map: Option<Vec<u8>>,
-    sparse_old_keys: bool,
+    /// Pax sparse 0.0: `GNU.sparse.offset` and `GNU.sparse.numbytes` records in pairs.
+    sparse_pairs: Vec<(u64, Option<u64>)>,
 }
 
 impl<R: Read> TarReader<R> {
@@ -311,16 +312,27 @@ impl<R: Read> TarReader<R> {
                 .real_size()
                 .map_err(|e| corrupt(offset, &format!("bad realsize field: {e}")))?;
             self.set_sparse(chunks, real, offset)?;
-        } else if pax.sparse_old_keys {
-            return Err(corrupt(offset, "pax sparse format 0.0 is not supported"));
-        } else if let Some(major) = pax.sparse_major.or(pax.sparse_map.as_ref().map(|_| 0)) {
+        } else if let Some(major) = pax
+            .sparse_major
+            .or((pax.sparse_map.is_some() || !pax.sparse_pairs.is_empty()).then_some(0))
+        {
             let real = pax
                 .sparse_realsize
                 .ok_or_else(|| corrupt(offset, "pax sparse member without GNU.sparse.realsize"))?;
-            let chunks = match (
-                major,
-                pax.sparse_minor.unwrap_or(if major == 1 { 0 } else { 1 }),
-            ) {
+            let minor = pax.sparse_minor.unwrap_or(match major {
+                0 if pax.sparse_map.is_none() => 0,
+                0 => 1,
+                _ => 0,
+            });
+            let chunks = match (major, minor) {
+                (0, 0) => pax
+                    .sparse_pairs
+                    .iter()
+                    .map(|&(off, len)| {
+                        len.map(|l| (off, l))
+                            .ok_or_else(|| corrupt(offset, "GNU.sparse.offset without numbytes"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
                 (0, 1) => {
                     let map = pax.sparse_map.as_deref().unwrap_or_default();
                     parse_number_list(map, b',', offset)?
@@ -664,7 +676,13 @@ fn parse_pax(data: &[u8], offset: u64) -> Result<Pax, TarError> {
                 pax.sparse_realsize = Some(number(value, "GNU.sparse.realsize")?)
             }
             b"GNU.sparse.map" => pax.sparse_map = Some(value.to_vec()),
-            b"GNU.sparse.offset" | b"GNU.sparse.numbytes" => pax.sparse_old_keys = true,
+            b"GNU.sparse.offset" => pax
+                .sparse_pairs
+                .push((number(value, "GNU.sparse.offset")?, None)),
+            b"GNU.sparse.numbytes" => match pax.sparse_pairs.last_mut() {
+                Some((_, len @ None)) => *len = Some(number(value, "GNU.sparse.numbytes")?),
+                _ => return Err(corrupt(offset, "GNU.sparse.numbytes without an offset")),
+            },
             _ => {
                 if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
                     if !name.is_empty() {
