@@ -158,6 +158,12 @@ fn images_sharing_layers_fetch_only_new_ones() {
         .unwrap();
     assert_eq!(del.layers.len(), 3);
     assert_eq!(report.blobs_present, 2, "{report:?}");
+    assert_eq!((report.layers_extracted, report.layers_present), (1, 2));
+    assert_eq!(
+        images.storage().extractions(),
+        3,
+        "one extraction per diff_id"
+    );
     for layer in &del.layers {
         assert_eq!(
             reg.blob_gets(&layer.digest.to_string()),

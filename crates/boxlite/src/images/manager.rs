@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 use crate::home::Home;
+use crate::images::assemble::{self, AssembleError, AssembleMode};
 use crate::images::digest::{DiffId, Digest};
 use crate::images::import::{self, ImportError};
 use crate::images::manifest::{Descriptor, RunConfig};
@@ -26,6 +27,7 @@ use crate::images::reference::{InvalidReference, Reference};
 use crate::images::registry::{
     Credential, CredentialStore, ImageSettings, RegistryClient, RegistryError,
 };
+use crate::images::storage::{ImageStorage, LayerBlob, Limits, StorageError};
 use crate::images::store::{ImageStore, StoreError};
 use crate::state::Db;
 
@@ -105,11 +107,21 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
-    #[error("preparing the layers of {id}")]
-    Layers {
+    #[error("extracting layer {digest} of image {id}")]
+    Layer {
         id: Digest,
+        digest: Digest,
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: StorageError,
+    },
+    #[error("layer cache")]
+    LayerCache(#[source] StorageError),
+    #[error("unpacking image {id} into {path}")]
+    Unpack {
+        id: Digest,
+        path: PathBuf,
+        #[source]
+        source: AssembleError,
     },
 }
 
@@ -142,6 +154,7 @@ pub type Result<T, E = ImageError> = std::result::Result<T, E>;
 pub struct ImageManager {
     home: Home,
     store: ImageStore,
+    storage: ImageStorage,
     settings: ImageSettings,
     credentials: CredentialStore,
     db: Mutex<Db>,
@@ -159,6 +172,7 @@ impl ImageManager {
         Ok(ImageManager {
             home: home.clone(),
             store: ImageStore::new(home),
+            storage: ImageStorage::new(home),
             settings,
             credentials: CredentialStore::new(home),
             db: Mutex::new(Db::open(home)?),
@@ -171,6 +185,11 @@ impl ImageManager {
 
     pub fn store(&self) -> &ImageStore {
         &self.store
+    }
+
+    /// The extracted-layer cache.
+    pub fn storage(&self) -> &ImageStorage {
+        &self.storage
     }
 
     pub fn credentials(&self) -> &CredentialStore {
@@ -369,6 +388,10 @@ impl ImageManager {
             }
         }
         self.collect_garbage(&mut report)?;
+        self.storage
+            .clean_stale_staging()
+            .map_err(ImageError::LayerCache)?;
+        report.bytes_freed += self.store.remove_stale_partials()?;
         Ok(report)
     }
 
@@ -401,12 +424,12 @@ impl ImageManager {
     }
 
     fn remove_unused_layers(&self, keep: &HashSet<&str>) -> Result<usize> {
-        let dir = self.home.layers_dir();
         let mut removed = 0;
-        for entry in read_dir(&dir)? {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if Digest::from_hex(&name).is_ok() && !keep.contains(name.as_str()) {
-                remove_path(&entry.path())?;
+        for diff_id in self.storage.list_layers().map_err(ImageError::LayerCache)? {
+            if !keep.contains(diff_id.hex()) {
+                self.storage
+                    .remove_layer(&diff_id)
+                    .map_err(ImageError::LayerCache)?;
                 removed += 1;
             }
         }
@@ -492,25 +515,79 @@ impl ImageManager {
         self.load(&id)
     }
 
-    /// Writes the root filesystem of image `query` into `dir` (a plain directory tree).
-    pub fn unpack(&self, query: &str, dir: &Path) -> Result<()> {
+    /// Writes the root filesystem of image `query` into `dir` (missing or empty): every layer
+    /// applied in order, files copied (the tree is the caller's to change).
+    pub fn unpack(&self, query: &str, dir: &Path) -> Result<assemble::AssembleStats> {
         let record = self.get(query)?;
-        // Known shortcoming: assembling lands with the layer-cache work.
-        Err(ImageError::Layers {
-            id: record.id,
-            source: format!(
-                "cannot assemble into {}: layer extraction is not built yet",
-                dir.display()
-            )
-            .into(),
-        })
+        self.ensure_layers(&record.id, &record.layers, &record.diff_ids)?;
+        assemble::assemble(&self.storage, &record.diff_ids, dir, AssembleMode::Copy).map_err(
+            |source| ImageError::Unpack {
+                id: record.id.clone(),
+                path: dir.to_path_buf(),
+                source,
+            },
+        )
     }
 
     /// Extracts the image's layers into the shared layer cache; returns (extracted, present).
-    fn prepare_layers(&self, _image: &StoredImage) -> Result<(usize, usize)> {
-        // Known shortcoming: layer extraction lands with the layer-cache work; until then a
-        // pull stores and verifies blobs only.
-        Ok((0, 0))
+    fn prepare_layers(&self, image: &StoredImage) -> Result<(usize, usize)> {
+        let result = self.ensure_layers(
+            &image.config_digest,
+            &image.manifest.layers,
+            &image.config.rootfs.diff_ids,
+        );
+        if let Err(ImageError::Layer { digest, .. }) = &result {
+            self.drop_unrecorded_blob(digest);
+        }
+        result
+    }
+
+    /// Makes sure every layer is extracted (each diff_id once, shared across images).
+    fn ensure_layers(
+        &self,
+        id: &Digest,
+        layers: &[Descriptor],
+        diff_ids: &[DiffId],
+    ) -> Result<(usize, usize)> {
+        let limits = Limits {
+            max_uncompressed_bytes: self.settings.max_layer_size,
+            ..Limits::default()
+        };
+        let (mut extracted, mut present) = (0, 0);
+        for (layer, diff_id) in layers.iter().zip(diff_ids) {
+            let path = self.store.blob_path(&layer.digest);
+            let blob = LayerBlob {
+                path: &path,
+                media_type: &layer.media_type,
+                digest: &layer.digest,
+            };
+            let info = self
+                .storage
+                .ensure_layer(&blob, diff_id, &limits)
+                .map_err(|source| ImageError::Layer {
+                    id: id.clone(),
+                    digest: layer.digest.clone(),
+                    source,
+                })?;
+            if info.extracted {
+                extracted += 1;
+            } else {
+                present += 1;
+            }
+        }
+        Ok((extracted, present))
+    }
+
+    /// A layer blob that could not be extracted is no use; unless a recorded image holds it,
+    /// its disk space goes back.
+    fn drop_unrecorded_blob(&self, digest: &Digest) {
+        let held = self
+            .list()
+            .map(|records| records.iter().any(|r| r.blobs.contains(digest)))
+            .unwrap_or(true);
+        if !held {
+            let _ = self.store.remove(digest);
+        }
     }
 }
 

@@ -23,6 +23,7 @@ use std::time::Duration;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tracing::{debug, info, warn};
 
+use crate::images::archive::{ArchiveError, Compression};
 use crate::images::digest::Digest;
 use crate::images::manifest::{
     Descriptor, ImageConfigFile, Manifest, ManifestError, ManifestKind, Platform, DOCKER_CONFIG,
@@ -136,10 +137,15 @@ pub enum PullError {
         #[source]
         source: Box<StoreError>,
     },
+    #[error("{reference}: layer {digest}")]
+    UnsupportedLayer {
+        reference: String,
+        digest: Digest,
+        #[source]
+        source: ArchiveError,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error(transparent)]
-    Settings(RegistryError),
 }
 
 /// A pulled or imported image's documents, all verified and in the store.
@@ -272,6 +278,15 @@ pub fn pull(
         });
     }
 
+    for layer in &manifest.layers {
+        Compression::from_media_type(&layer.media_type).map_err(|source| {
+            PullError::UnsupportedLayer {
+                reference: name.clone(),
+                digest: layer.digest.clone(),
+                source,
+            }
+        })?;
+    }
     download_layers(
         &client,
         store,

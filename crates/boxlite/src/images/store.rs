@@ -337,6 +337,39 @@ impl ImageStore {
         })
     }
 
+    /// Deletes partial downloads that no process is working on; returns the bytes freed.
+    pub fn remove_stale_partials(&self) -> Result<u64> {
+        let entries = std::fs::read_dir(&self.tmp).map_err(|source| StoreError::Io {
+            action: "listing",
+            path: self.tmp.clone(),
+            source,
+        })?;
+        let mut freed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(hex) = name
+                .strip_prefix("blob-")
+                .and_then(|n| n.strip_suffix(".partial"))
+            else {
+                continue;
+            };
+            let lock_path = self.tmp.join(format!("blob-{hex}.lock"));
+            let Ok(file) = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+            else {
+                continue;
+            };
+            if let Ok(_lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                freed += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                discard(&entry.path());
+            }
+        }
+        Ok(freed)
+    }
+
     /// Blocks until this process holds the download lock of `digest`.
     fn lock(&self, digest: &Digest) -> Result<Flock<File>> {
         let path = self.tmp.join(format!("blob-{}.lock", digest.hex()));

@@ -85,12 +85,16 @@ pub fn build() -> TestImages {
         "org.boxlite.test=base",
     ]));
 
-    let conf = d.join("app.conf");
-    std::fs::write(&conf, "app=1\n").unwrap();
+    // Not `umoci insert`: umoci 0.4.7 writes that layer's tar without its padding and end
+    // blocks (GNU tar: "Unexpected EOF in archive").
+    let bundle_app = d.join("b-app");
     run(Command::new("umoci")
-        .args(["insert", "--image", &image("base"), "--tag", "app"])
-        .arg(&conf)
-        .arg("/etc/app.conf"));
+        .args(["unpack", "--image", &image("base")])
+        .arg(&bundle_app));
+    std::fs::write(bundle_app.join("rootfs/etc/app.conf"), "app=1\n").unwrap();
+    run(Command::new("umoci")
+        .args(["repack", "--image", &image("app")])
+        .arg(&bundle_app));
 
     let bundle2 = d.join("b2");
     run(Command::new("umoci")
