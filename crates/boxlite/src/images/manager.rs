@@ -112,16 +112,16 @@ pub enum ImageError {
         id: Digest,
         digest: Digest,
         #[source]
-        source: StorageError,
+        source: Box<StorageError>,
     },
     #[error("layer cache")]
-    LayerCache(#[source] StorageError),
+    LayerCache(#[source] Box<StorageError>),
     #[error("unpacking image {id} into {path}")]
     Unpack {
         id: Digest,
         path: PathBuf,
         #[source]
-        source: AssembleError,
+        source: Box<AssembleError>,
     },
 }
 
@@ -390,7 +390,7 @@ impl ImageManager {
         self.collect_garbage(&mut report)?;
         self.storage
             .clean_stale_staging()
-            .map_err(ImageError::LayerCache)?;
+            .map_err(|e| ImageError::LayerCache(Box::new(e)))?;
         report.bytes_freed += self.store.remove_stale_partials()?;
         Ok(report)
     }
@@ -425,11 +425,15 @@ impl ImageManager {
 
     fn remove_unused_layers(&self, keep: &HashSet<&str>) -> Result<usize> {
         let mut removed = 0;
-        for diff_id in self.storage.list_layers().map_err(ImageError::LayerCache)? {
+        for diff_id in self
+            .storage
+            .list_layers()
+            .map_err(|e| ImageError::LayerCache(Box::new(e)))?
+        {
             if !keep.contains(diff_id.hex()) {
                 self.storage
                     .remove_layer(&diff_id)
-                    .map_err(ImageError::LayerCache)?;
+                    .map_err(|e| ImageError::LayerCache(Box::new(e)))?;
                 removed += 1;
             }
         }
@@ -524,7 +528,7 @@ impl ImageManager {
             |source| ImageError::Unpack {
                 id: record.id.clone(),
                 path: dir.to_path_buf(),
-                source,
+                source: Box::new(source),
             },
         )
     }
@@ -567,7 +571,7 @@ impl ImageManager {
                 .map_err(|source| ImageError::Layer {
                     id: id.clone(),
                     digest: layer.digest.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             if info.extracted {
                 extracted += 1;
