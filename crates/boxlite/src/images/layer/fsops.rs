@@ -152,6 +152,10 @@ pub fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
             }
             Err(e) => return Err(e),
         };
+        if !euid_is_root() && st.st_mode & 0o300 != 0o300 {
+            // Our own read-only directory (a layer said 0555): make it writable to empty it.
+            set_mode(sub.as_fd(), (st.st_mode & 0o7777) | 0o700)?;
+        }
         clear_dir(sub.as_fd())?;
         nix::unistd::unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::RemoveDir)
             .map_err(errno_io)
