@@ -127,7 +127,7 @@ fn inner() {
     );
 
     for mode in [AssembleMode::Copy, AssembleMode::Link] {
-        let (root, r) = cache.assemble(&[info.diff_id.clone()], mode);
+        let (root, r) = cache.assemble(std::slice::from_ref(&info.diff_id), mode);
         r.unwrap_or_else(|e| panic!("{mode:?}: {e}"));
         let md = |p: &str| fs::symlink_metadata(root.join(p)).unwrap();
         assert_eq!(
