@@ -412,7 +412,7 @@ fn privileged_metadata_devices_setuid_and_directory_modes() {
     ];
     for mode in [AssembleMode::Link, AssembleMode::Copy] {
         let cache = Cache::new();
-        let (root, r) = stack(&cache, &[layer.clone()], mode);
+        let (root, r) = stack(&cache, std::slice::from_ref(&layer), mode);
         r.unwrap();
         let md = |p: &str| fs::symlink_metadata(root.join(p)).unwrap();
         assert_eq!(md("usr/bin/su").mode() & 0o7777, 0o4755);

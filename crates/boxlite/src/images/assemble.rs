@@ -151,14 +151,19 @@ fn assemble_into(
             &dest_canon,
             &mut stats,
         );
-        apply.dir(
-            &RelPath::root(),
-            src_root.as_fd(),
-            dest_root.as_fd(),
-            Path::new(""),
-        )?;
-        if !meta.implicit_dirs.contains(&RelPath::root()) {
-            apply.copy_dir_attrs(src_root.as_fd(), dest_root.as_fd(), &RelPath::root())?;
+        let root = RelPath::root();
+        let io_root = |source| AssembleError::Io {
+            diff_id: diff_id.clone(),
+            op: "update",
+            path: dest.display().to_string(),
+            source,
+        };
+        let kept_times = fsops::times(dest_root.as_fd()).map_err(io_root)?;
+        apply.dir(&root, src_root.as_fd(), dest_root.as_fd(), Path::new(""))?;
+        if meta.implicit_dirs.contains(&root) {
+            fsops::set_times(dest_root.as_fd(), kept_times).map_err(io_root)?;
+        } else {
+            apply.copy_dir_attrs(src_root.as_fd(), dest_root.as_fd(), &root)?;
         }
         stats.layers += 1;
         tracing::debug!(%diff_id, "layer applied");
@@ -343,8 +348,11 @@ impl<'a> LayerApply<'a> {
         dest_real: &Path,
         name: &OsString,
     ) -> Result<(), AssembleError> {
-        let implicit =
-            self.meta.implicit_dirs.contains(path) && !self.meta.opaque_dirs.contains(path);
+        // A directory the layer did not declare keeps what the lower layers gave it (and may
+        // be a lower symlink to follow inside the root); a declared one gets the layer's
+        // attributes; an opaque one is always a real directory.
+        let declared = !self.meta.implicit_dirs.contains(path);
+        let follow = !declared && !self.meta.opaque_dirs.contains(path);
         let markers_only = self.meta.marker_dirs.contains(path);
         let existing = fsops::lstat_at(dest, name).map_err(self.io("inspect", path))?;
         let kind = existing.as_ref().map(fsops::file_type);
@@ -354,7 +362,7 @@ impl<'a> LayerApply<'a> {
                 fsops::open_dir_at(dest, name).map_err(self.io("open", path))?,
                 dest_real.join(name),
             ),
-            Some(SFlag::S_IFLNK) if implicit => {
+            Some(SFlag::S_IFLNK) if follow => {
                 match fsops::open_in_root(self.dest_root, &dest_real.join(name)) {
                     Ok(fd) => {
                         let real = self.real_path(fd.as_fd(), path)?;
@@ -379,21 +387,25 @@ impl<'a> LayerApply<'a> {
                 }
                 fsops::mkdir_at(dest, name, 0o700).map_err(self.io("create directory", path))?;
                 let fd = fsops::open_dir_at(dest, name).map_err(self.io("open", path))?;
-                if implicit {
-                    nix::sys::stat::fchmod(
-                        std::os::fd::AsRawFd::as_raw_fd(&fd),
-                        nix::sys::stat::Mode::from_bits_truncate(0o755),
-                    )
-                    .map_err(|e| self.io("set mode of", path)(fsops::errno_io(e)))?;
+                if !declared {
+                    fsops::set_mode(fd.as_fd(), 0o755).map_err(self.io("set mode of", path))?;
                 }
                 self.stats.dirs += 1;
                 (fd, dest_real.join(name))
             }
         };
+        let kept_times = match (declared, kind) {
+            (false, Some(SFlag::S_IFDIR | SFlag::S_IFLNK)) => {
+                Some(fsops::times(dest_dir.as_fd()).map_err(self.io("inspect", path))?)
+            }
+            _ => None,
+        };
         let src_dir = fsops::open_dir_at(src, name).map_err(self.io("open", path))?;
         self.dir(path, src_dir.as_fd(), dest_dir.as_fd(), &real)?;
-        if !implicit {
+        if declared {
             self.copy_dir_attrs_of(src, name, dest_dir.as_fd(), path)?;
+        } else if let Some(times) = kept_times {
+            fsops::set_times(dest_dir.as_fd(), times).map_err(self.io("restore times of", path))?;
         }
         Ok(())
     }

@@ -266,3 +266,77 @@ pub fn all_names(root: &Path) -> Vec<String> {
         .map(|e| e.path)
         .collect()
 }
+
+/// An image read from an OCI image layout (`index.json`, blobs by digest): enough to feed
+/// `ensure_layer` and `assemble` the way the pull code does.
+#[derive(Debug)]
+pub struct LayoutImage {
+    /// (blob path, media type, blob digest) per layer, bottom first.
+    pub layers: Vec<(PathBuf, String, Digest)>,
+    pub diff_ids: Vec<DiffId>,
+}
+
+/// Reads the image tagged `tag` (or the only one) from the OCI layout at `dir`.
+pub fn read_layout(dir: &Path, tag: Option<&str>) -> LayoutImage {
+    let json = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_slice(
+            &std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+        )
+        .unwrap()
+    };
+    let blob = |d: &str| {
+        dir.join("blobs/sha256")
+            .join(d.strip_prefix("sha256:").unwrap())
+    };
+    let index = json(dir.join("index.json"));
+    let manifests = index["manifests"].as_array().unwrap();
+    let desc = manifests
+        .iter()
+        .find(|m| match tag {
+            Some(t) => m["annotations"]["org.opencontainers.image.ref.name"] == t,
+            None => true,
+        })
+        .expect("image in index.json");
+    let manifest = json(blob(desc["digest"].as_str().unwrap()));
+    let config = json(blob(manifest["config"]["digest"].as_str().unwrap()));
+    let layers = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let d = l["digest"].as_str().unwrap();
+            (
+                blob(d),
+                l["mediaType"].as_str().unwrap().to_string(),
+                d.parse().unwrap(),
+            )
+        })
+        .collect();
+    let diff_ids = config["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().parse().unwrap())
+        .collect();
+    LayoutImage { layers, diff_ids }
+}
+
+impl Cache {
+    /// Extracts every layer of `image` with `limits`; returns the diff_ids.
+    pub fn add_image(
+        &self,
+        image: &LayoutImage,
+        limits: &Limits,
+    ) -> Result<Vec<DiffId>, StorageError> {
+        let mut ids = Vec::new();
+        for ((path, media_type, digest), diff_id) in image.layers.iter().zip(&image.diff_ids) {
+            let blob = LayerBlob {
+                path,
+                media_type,
+                digest,
+            };
+            ids.push(self.storage.ensure_layer(&blob, diff_id, limits)?.diff_id);
+        }
+        Ok(ids)
+    }
+}
