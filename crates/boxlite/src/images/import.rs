@@ -96,13 +96,29 @@ pub struct ImportedImage {
 }
 
 /// Imports the image at `path` into `store`. `tag` replaces the names the archive carries.
+///
+/// An OCI layout holding several images is read as `PATH:NAME`, NAME being the
+/// `org.opencontainers.image.ref.name` of the wanted one (as skopeo's `oci:PATH:NAME`).
 pub fn import(store: &ImageStore, path: &Path, tag: Option<&Reference>) -> Result<ImportedImage> {
+    let (path, selector) = split_selector(path);
+    let path = path.as_path();
+    if !path.exists() {
+        return Err(ImportError::Io {
+            action: "opening",
+            path: path.to_path_buf(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    }
     let mut source = if path.is_dir() {
         Source::Dir(path.to_path_buf())
     } else {
         Source::Tar(read_tar(store, path)?)
     };
-    let ctx = Ctx { store, path };
+    let ctx = Ctx {
+        store,
+        path,
+        selector: selector.as_deref(),
+    };
     let mut imported = if source.has("index.json") && source.has("oci-layout") {
         ctx.import_oci(&mut source)?
     } else if source.has("manifest.json") {
@@ -235,9 +251,25 @@ fn resolve_relative(link: &str, target: &str) -> String {
     parts.join("/")
 }
 
+/// `layout:name` → (`layout`, `name`) when `layout:name` itself does not exist.
+fn split_selector(path: &Path) -> (PathBuf, Option<String>) {
+    if path.exists() {
+        return (path.to_path_buf(), None);
+    }
+    let text = path.to_string_lossy();
+    match text.rsplit_once(':') {
+        Some((p, name)) if !name.is_empty() && !name.contains('/') && Path::new(p).exists() => {
+            (PathBuf::from(p), Some(name.to_string()))
+        }
+        _ => (path.to_path_buf(), None),
+    }
+}
+
 struct Ctx<'a> {
     store: &'a ImageStore,
     path: &'a Path,
+    /// The ref name of the wanted image in a layout holding several.
+    selector: Option<&'a str>,
 }
 
 impl Ctx<'_> {
@@ -364,7 +396,41 @@ impl Ctx<'_> {
         depth: usize,
     ) -> Result<(Descriptor, Vec<Digest>)> {
         let platform = Platform::default_guest();
-        let entry = if index.manifests.len() == 1 {
+        let ref_name = |d: &Descriptor| {
+            d.annotations
+                .get("org.opencontainers.image.ref.name")
+                .cloned()
+        };
+        let selected = match self.selector.filter(|_| depth == 0) {
+            Some(name) => Some(
+                index
+                    .manifests
+                    .iter()
+                    .find(|d| ref_name(d).as_deref() == Some(name))
+                    .cloned()
+                    .ok_or_else(|| ImportError::NotAnImage {
+                        path: self.path.to_path_buf(),
+                        reason: format!(
+                            "no image named {name:?} in the layout (names: {})",
+                            index.manifests.iter().filter_map(ref_name).collect::<Vec<_>>().join(", ")
+                        ),
+                    })?,
+            ),
+            None => None,
+        };
+        let named: Vec<String> = index.manifests.iter().filter_map(ref_name).collect();
+        if selected.is_none() && depth == 0 && named.len() > 1 {
+            return Err(ImportError::NotAnImage {
+                path: self.path.to_path_buf(),
+                reason: format!(
+                    "the layout holds several images; pick one as PATH:NAME (names: {})",
+                    named.join(", ")
+                ),
+            });
+        }
+        let entry = if let Some(entry) = selected {
+            entry
+        } else if index.manifests.len() == 1 {
             index.manifests[0].clone()
         } else {
             index
