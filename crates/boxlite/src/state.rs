@@ -28,6 +28,17 @@ const SCHEMA: &[&str] = &[
         started_at INTEGER,
         finished_at INTEGER
     )",
+    // images: one row per image (by config digest), the record as JSON; references point at one.
+    "CREATE TABLE IF NOT EXISTS images (
+        id TEXT PRIMARY KEY,
+        manifest_digest TEXT NOT NULL,
+        record TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS image_references (
+        reference TEXT PRIMARY KEY,
+        image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE
+    )",
 ];
 
 /// An open connection to the state database.

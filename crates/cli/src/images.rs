@@ -1,15 +1,247 @@
-//! `boxlite pull`, `images`, `image …`, `login`, `logout`. (Owned by the registry work.)
+//! `boxlite pull`, `images`, `image import|unpack|rm|prune`, `login`, `logout`: the image
+//! commands of the CLI contract, over [`ImageManager`].
 
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use boxlite::home::Home;
+use boxlite::images::digest::Digest;
+use boxlite::images::manager::{ImageManager, ImageRecord, PruneReport};
+use boxlite::images::manifest::Platform;
+use boxlite::images::pull::PullOptions;
+use boxlite::images::registry::Credential;
 use clap::Subcommand;
 
 #[derive(Subcommand, Debug)]
 pub enum ImageCommand {
     /// Pull an image from a registry.
-    Pull { reference: String },
+    Pull {
+        reference: String,
+        /// No progress output; print only the image id.
+        #[arg(long, short)]
+        quiet: bool,
+        /// Platform to pick from a multi-platform image (os/arch[/variant]).
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
+        /// Reach this registry (host[:port]) over plain HTTP. Repeatable.
+        #[arg(long = "insecure-registry", value_name = "HOST")]
+        insecure_registries: Vec<String>,
+    },
+    /// List images.
+    Images {
+        /// One JSON array of image records.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage images.
+    Image {
+        #[command(subcommand)]
+        command: ImageSubcommand,
+    },
+    /// Store credentials for a registry (checked against it first).
+    Login {
+        registry: String,
+        #[arg(long, short)]
+        username: String,
+        /// Read the password from standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Forget the stored credentials of a registry.
+    Logout { registry: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageSubcommand {
+    /// Import an OCI layout directory, an oci-archive tar or a `docker save` tar.
+    Import {
+        path: PathBuf,
+        /// Name for the image (replaces names in the archive).
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// Write an image's root filesystem into a plain directory.
+    Unpack { reference: String, dir: PathBuf },
+    /// Remove image references; an image goes when no reference is left.
+    Rm {
+        #[arg(required = true)]
+        references: Vec<String>,
+    },
+    /// Remove unnamed images and everything no image needs.
+    Prune,
+    /// List images (same as `boxlite images`).
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(cmd: ImageCommand) -> anyhow::Result<u8> {
+    let home = Home::from_env().context("opening the boxlite home folder")?;
+    let images = ImageManager::new(&home).context("opening the image store")?;
     match cmd {
-        ImageCommand::Pull { reference } => anyhow::bail!("pull {reference}: not implemented yet"),
+        ImageCommand::Pull {
+            reference,
+            quiet,
+            platform,
+            insecure_registries,
+        } => pull(&images, &reference, quiet, &platform, insecure_registries),
+        ImageCommand::Images { json } => list(&images, json),
+        ImageCommand::Image { command } => match command {
+            ImageSubcommand::Import { path, tag } => {
+                let record = images
+                    .import(&path, tag.as_deref())
+                    .with_context(|| format!("importing {}", path.display()))?;
+                println!("{}", record.id);
+                Ok(0)
+            }
+            ImageSubcommand::Unpack { reference, dir } => {
+                images
+                    .unpack(&reference, &dir)
+                    .with_context(|| format!("unpacking {reference} into {}", dir.display()))?;
+                Ok(0)
+            }
+            ImageSubcommand::Rm { references } => {
+                let in_use = images_in_use(&home, &images)?;
+                for reference in references {
+                    let report = images
+                        .remove(&reference, &in_use)
+                        .with_context(|| format!("removing {reference}"))?;
+                    println!("Untagged: {reference}");
+                    print_removed(&report);
+                }
+                Ok(0)
+            }
+            ImageSubcommand::Prune => {
+                let in_use = images_in_use(&home, &images)?;
+                let report = images.prune(&in_use).context("pruning images")?;
+                print_removed(&report);
+                println!(
+                    "Removed {} blobs and {} layers, freed {}",
+                    report.blobs_removed,
+                    report.layers_removed,
+                    human_size(report.bytes_freed)
+                );
+                Ok(0)
+            }
+            ImageSubcommand::Ls { json } => list(&images, json),
+        },
+        ImageCommand::Login {
+            registry,
+            username,
+            password_stdin,
+        } => {
+            if !password_stdin {
+                anyhow::bail!("give the password on standard input with --password-stdin");
+            }
+            let mut password = String::new();
+            std::io::stdin()
+                .read_to_string(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\n', '\r']);
+            if password.is_empty() {
+                anyhow::bail!("the password on standard input is empty");
+            }
+            images
+                .login(&registry, Credential::new(username, password))
+                .with_context(|| format!("logging in to {registry}"))?;
+            println!("Login Succeeded");
+            Ok(0)
+        }
+        ImageCommand::Logout { registry } => {
+            if images.logout(&registry)? {
+                println!("Removed login credentials for {registry}");
+            } else {
+                println!("Not logged in to {registry}");
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn pull(
+    images: &ImageManager,
+    reference: &str,
+    quiet: bool,
+    platform: &str,
+    insecure_registries: Vec<String>,
+) -> anyhow::Result<u8> {
+    let platform = Platform::parse(platform)
+        .with_context(|| format!("platform {platform:?} is not os/arch[/variant]"))?;
+    let options = PullOptions {
+        platform: Some(platform),
+        quiet,
+        insecure_registries,
+    };
+    let (record, report) = images.pull_with_report(reference, &options)?;
+    for warning in &report.warnings {
+        eprintln!("warning: {warning}");
+    }
+    if !quiet && std::io::stderr().is_terminal() {
+        eprintln!(
+            "Pulled {reference}: {} blobs downloaded ({}), {} already present",
+            report.blobs_downloaded,
+            human_size(report.bytes_downloaded),
+            report.blobs_present
+        );
+    }
+    println!("{}", record.id);
+    Ok(0)
+}
+
+fn list(images: &ImageManager, json: bool) -> anyhow::Result<u8> {
+    let records = images.list()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+        return Ok(0);
+    }
+    println!("{:<60} {:<14} {:>10}", "REFERENCE", "IMAGE ID", "SIZE");
+    for record in &records {
+        let id = &record.id.hex()[..12];
+        let size = human_size(record.size);
+        if record.references.is_empty() {
+            println!("{:<60} {:<14} {:>10}", "<none>", id, size);
+        }
+        for reference in &record.references {
+            println!("{reference:<60} {id:<14} {size:>10}");
+        }
+    }
+    Ok(0)
+}
+
+/// Ids of the images that Boxes were created from (the `boxes` table names them by reference
+/// or id); such images are never removed.
+fn images_in_use(home: &Home, images: &ImageManager) -> anyhow::Result<Vec<Digest>> {
+    let db = boxlite::state::Db::open(home).context("opening the state database")?;
+    let mut stmt = db.conn().prepare("SELECT DISTINCT image FROM boxes")?;
+    let names: Vec<String> = stmt
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(names
+        .iter()
+        .filter_map(|name| images.get(name).ok())
+        .map(|r: ImageRecord| r.id)
+        .collect())
+}
+
+fn print_removed(report: &PruneReport) {
+    for id in &report.images_removed {
+        println!("Deleted: {id}");
+    }
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
     }
 }

@@ -1,1 +1,335 @@
-//! Owned by the layer-extraction work (not yet written).
+//! The uncompressed byte stream of one layer blob: picks the decompressor from the media type
+//! (OCI image spec v1.1 "Image Layer Filesystem Changeset", Docker image manifest v2.2), corrects
+//! it by sniffing magic bytes (docker-save archives call gzip layers plain tar), counts the
+//! uncompressed bytes and stops at a limit (decompression bombs), and hashes them so the caller
+//! can check the layer's diff_id without a second pass.
+//!
+//! Everything streams: memory use is a few buffers whatever the blob expands to.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::images::digest::{DiffId, Digest};
+
+/// How a layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// A plain tar.
+    None,
+    /// gzip (RFC 1952), possibly several members back to back.
+    Gzip,
+    /// Zstandard (RFC 8878), possibly several frames back to back.
+    Zstd,
+}
+
+/// Failures while reading a layer blob.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    /// The manifest names a layer media type we do not know how to read.
+    #[error("unsupported layer media type {media_type:?}")]
+    UnsupportedMediaType { media_type: String },
+    /// The uncompressed stream grew past the configured limit (a decompression bomb or an
+    /// oversized layer).
+    #[error(
+        "layer {digest} expands past the limit of {limit} bytes uncompressed \
+         ({limit_mib} MiB); refusing it (decompression bomb?)"
+    )]
+    LimitExceeded {
+        digest: Digest,
+        limit: u64,
+        limit_mib: u64,
+    },
+    /// Opening or reading the blob failed.
+    #[error("cannot read layer blob {digest}")]
+    Read {
+        digest: Digest,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Compression {
+    /// The compression a layer media type declares. Accepts the OCI layer types (including the
+    /// non-distributable ones), Docker schema-2 `rootfs.diff` and `rootfs.foreign.diff` types, and
+    /// `application/octet-stream`-ish unknowns are refused.
+    pub fn from_media_type(media_type: &str) -> Result<Compression, ArchiveError> {
+        // Parameters (`; charset=...`) are not part of the type.
+        let base = media_type.split(';').next().unwrap_or("").trim();
+        let compression = match base {
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar" => Compression::None,
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Compression::Gzip,
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+            | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Compression::Zstd,
+            _ => {
+                return Err(ArchiveError::UnsupportedMediaType {
+                    media_type: media_type.to_string(),
+                })
+            }
+        };
+        Ok(compression)
+    }
+
+    /// The compression the first bytes of a blob show, if any: gzip `1f 8b`, zstd `28 b5 2f fd`.
+    pub fn sniff(head: &[u8]) -> Option<Compression> {
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Some(Compression::Gzip)
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Some(Compression::Zstd)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        })
+    }
+}
+
+/// The error inside the `io::Error` that [`LayerStream`] returns once the limit is hit; callers
+/// ask [`LayerStream::limit_error`] instead of digging for it through the parser's wrapping.
+#[derive(Debug)]
+struct LimitHit;
+
+impl fmt::Display for LimitHit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("uncompressed size limit exceeded")
+    }
+}
+
+impl std::error::Error for LimitHit {}
+
+/// The uncompressed bytes of one layer blob, counted, limited and hashed as they are read.
+/// `Send` (moved to a worker thread whole), not `Sync` (a reader is never shared).
+///
+/// ```no_run
+/// # use boxlite::images::archive::{Compression, LayerStream};
+/// # fn f(digest: boxlite::images::digest::Digest) -> Result<(), Box<dyn std::error::Error>> {
+/// let blob = std::fs::File::open("/path/to/blob")?;
+/// let mut stream = LayerStream::open(blob, Compression::Gzip, digest, 64 << 20)?;
+/// std::io::copy(&mut stream, &mut std::io::sink())?;
+/// let (diff_id, size) = stream.finish();
+/// # Ok(()) }
+/// ```
+pub struct LayerStream {
+    inner: Box<dyn Read + Send>,
+    digest: Digest,
+    compression: Compression,
+    hasher: Sha256,
+    count: u64,
+    limit: u64,
+    hit: bool,
+}
+
+impl fmt::Debug for LayerStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LayerStream")
+            .field("digest", &self.digest)
+            .field("compression", &self.compression)
+            .field("count", &self.count)
+            .field("limit", &self.limit)
+            .finish()
+    }
+}
+
+impl LayerStream {
+    /// Opens `blob` (whose digest is `digest`, used in errors) declared as `declared`
+    /// compression. When the blob is declared plain tar but starts with gzip or zstd magic, the
+    /// magic wins (docker-save archives do this). Reading fails once more than `limit`
+    /// uncompressed bytes came out.
+    pub fn open(
+        blob: File,
+        declared: Compression,
+        digest: Digest,
+        limit: u64,
+    ) -> Result<LayerStream, ArchiveError> {
+        let mut buffered = BufReader::with_capacity(128 * 1024, blob);
+        let head = buffered.fill_buf().map_err(|source| ArchiveError::Read {
+            digest: digest.clone(),
+            source,
+        })?;
+        let compression = match (declared, Compression::sniff(head)) {
+            (Compression::None, Some(sniffed)) => {
+                tracing::debug!(%digest, %sniffed, "layer declared as plain tar is compressed");
+                sniffed
+            }
+            _ => declared,
+        };
+        let inner: Box<dyn Read + Send> = match compression {
+            Compression::None => Box::new(buffered),
+            Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
+            Compression::Zstd => Box::new(
+                zstd::stream::read::Decoder::with_buffer(buffered).map_err(|source| {
+                    ArchiveError::Read {
+                        digest: digest.clone(),
+                        source,
+                    }
+                })?,
+            ),
+        };
+        Ok(LayerStream {
+            inner,
+            digest,
+            compression,
+            hasher: Sha256::new(),
+            count: 0,
+            limit,
+            hit: false,
+        })
+    }
+
+    /// The compression actually used (after sniffing).
+    pub fn compression(&self) -> Compression {
+        self.compression
+    }
+
+    /// Uncompressed bytes read so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The error to report when the limit was hit, if it was. The tar parser above this stream
+    /// may wrap the `io::Error` beyond recognition; this flag does not.
+    pub fn limit_error(&self) -> Option<ArchiveError> {
+        self.hit.then(|| ArchiveError::LimitExceeded {
+            digest: self.digest.clone(),
+            limit: self.limit,
+            limit_mib: self.limit >> 20,
+        })
+    }
+
+    /// Reads what is left (tar padding after the end-of-archive blocks counts for the diff_id).
+    pub fn drain(&mut self) -> io::Result<u64> {
+        io::copy(self, &mut io::sink())
+    }
+
+    /// The sha256 of everything read (the diff_id when read to the end) and its length.
+    pub fn finish(self) -> (DiffId, u64) {
+        (Digest::from_hasher(self.hasher), self.count)
+    }
+}
+
+impl Read for LayerStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.hit {
+            return Err(io::Error::other(LimitHit));
+        }
+        // Ask for at most one byte past the limit: enough to tell "exactly at" from "past".
+        let allowed = self.limit.saturating_sub(self.count).saturating_add(1);
+        let want = buf
+            .len()
+            .min(usize::try_from(allowed).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.count += n as u64;
+        if self.count > self.limit {
+            self.hit = true;
+            return Err(io::Error::other(LimitHit));
+        }
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn digest() -> Digest {
+        Digest::of(b"blob")
+    }
+
+    fn temp_blob(bytes: &[u8]) -> File {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(bytes).unwrap();
+        use std::io::Seek;
+        f.rewind().unwrap();
+        f
+    }
+
+    #[test]
+    fn media_types() {
+        use Compression::*;
+        for (t, c) in [
+            ("application/vnd.oci.image.layer.v1.tar", None),
+            ("application/vnd.oci.image.layer.v1.tar+gzip", Gzip),
+            ("application/vnd.oci.image.layer.v1.tar+zstd", Zstd),
+            (
+                "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+                Gzip,
+            ),
+            ("application/vnd.docker.image.rootfs.diff.tar.gzip", Gzip),
+            (
+                "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                Gzip,
+            ),
+        ] {
+            assert_eq!(Compression::from_media_type(t).unwrap(), c, "{t}");
+        }
+        let err = Compression::from_media_type("application/vnd.oci.image.config.v1+json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("application/vnd.oci.image.config.v1+json"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sniffs_gzip_declared_as_tar_and_hashes_uncompressed() {
+        let raw = b"hello uncompressed world".repeat(100);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&raw).unwrap();
+        let blob = temp_blob(&gz.finish().unwrap());
+        let mut s = LayerStream::open(blob, Compression::None, digest(), 1 << 20).unwrap();
+        assert_eq!(s.compression(), Compression::Gzip);
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        assert_eq!(out, raw);
+        let (diff_id, n) = s.finish();
+        assert_eq!(diff_id, Digest::of(&raw));
+        assert_eq!(n, raw.len() as u64);
+    }
+
+    #[test]
+    fn zstd_round_trip() {
+        let raw = vec![7u8; 100_000];
+        let blob = temp_blob(&zstd::encode_all(&raw[..], 3).unwrap());
+        let mut s = LayerStream::open(blob, Compression::Zstd, digest(), 1 << 20).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        assert_eq!(out, raw);
+    }
+
+    #[test]
+    fn limit_is_exact_and_names_digest() {
+        let raw = vec![0u8; 4096];
+        let blob = temp_blob(&raw);
+        let mut s = LayerStream::open(blob, Compression::None, digest(), 4096).unwrap();
+        assert_eq!(s.drain().unwrap(), 4096, "exactly at the limit is fine");
+
+        let blob = temp_blob(&raw);
+        let mut s = LayerStream::open(blob, Compression::None, digest(), 4095).unwrap();
+        assert!(s.drain().is_err());
+        let err = s.limit_error().expect("limit flagged").to_string();
+        assert!(
+            err.contains(&digest().to_string()) && err.contains("4095"),
+            "{err}"
+        );
+    }
+}

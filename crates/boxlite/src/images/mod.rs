@@ -3,6 +3,7 @@
 //!
 //! - [`digest`]: `sha256:<hex>` digests, validated once at the edge.
 //! - [`reference`]: image references (`alpine`, `localhost:5000/x:1`, `name@sha256:…`).
+//! - [`manifest`]: the JSON documents (index, manifest, config), OCI and Docker flavours.
 //! - [`registry`]: the distribution API client with its auth flows.
 //! - [`store`]: `ImageStore`, blobs by digest, verified and written atomically.
 //! - [`archive`]: decompression (gzip, zstd, none) with size limits.
@@ -17,6 +18,7 @@ pub mod digest;
 pub mod import;
 pub mod layer;
 pub mod manager;
+pub mod manifest;
 pub mod pull;
 pub mod reference;
 pub mod registry;

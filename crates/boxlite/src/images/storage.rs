@@ -1,1 +1,437 @@
-//! Owned by the layer-extraction work (not yet written).
+//! `ImageStorage`: the layer cache, one extracted layer per diff_id under
+//! `images/layers/<diff_id hex>/`, shared by every image that has the layer.
+//!
+//! ```text
+//! images/layers/<hex>/           mode 0700: the cache holds other people's setuid binaries
+//!     root/                      the layer's own files (whiteouts are not files)
+//!     layer.json                 LayerMeta: whiteouts, opaque dirs, cross-layer hardlinks, ...
+//! ```
+//!
+//! A layer is extracted into a staging directory under `tmp/` while its uncompressed stream is
+//! hashed, checked against the image config's diff_id (OCI image spec, "Layer DiffID"), and only
+//! then renamed into place in one step: a layer directory exists complete or not at all. When
+//! two processes race, the second rename fails and the loser throws its copy away. A layer
+//! already present is never extracted again.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::home::Home;
+use crate::images::archive::{ArchiveError, Compression, LayerStream};
+use crate::images::digest::{DiffId, Digest};
+use crate::images::layer::{self, fsops, ExtractOptions, LayerError, LayerMeta};
+
+/// Name of the metadata file in a layer directory.
+const META_FILE: &str = "layer.json";
+/// Name of the tree in a layer directory.
+const ROOT_DIR: &str = "root";
+/// Prefix of staging directories under `tmp/`.
+const STAGING_PREFIX: &str = "layer-";
+
+/// Bounds on what one layer may expand to.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most uncompressed bytes (the tar stream) one layer may have.
+    pub max_uncompressed_bytes: u64,
+    /// Most tar members one layer may have.
+    pub max_entries: u64,
+}
+
+impl Default for Limits {
+    /// 32 GiB and 4 million members: beyond any real image layer, far below what fills a disk.
+    fn default() -> Self {
+        Limits {
+            max_uncompressed_bytes: 32 << 30,
+            max_entries: ExtractOptions::default().max_entries,
+        }
+    }
+}
+
+/// A compressed (or plain) layer blob on disk, as the manifest describes it.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerBlob<'a> {
+    /// Where the blob is (normally `images/blobs/sha256/<hex>`).
+    pub path: &'a Path,
+    /// The manifest's media type for it.
+    pub media_type: &'a str,
+    /// The blob's (compressed) digest, for messages.
+    pub digest: &'a Digest,
+}
+
+/// A layer in the cache.
+#[derive(Debug, Clone)]
+pub struct LayerInfo {
+    pub diff_id: DiffId,
+    /// `images/layers/<hex>`.
+    pub dir: PathBuf,
+    /// Whether this call extracted it (false: it was already there, or another process won a
+    /// race to put it there).
+    pub extracted: bool,
+    /// Uncompressed tar size, when this call read it.
+    pub uncompressed_bytes: Option<u64>,
+}
+
+/// Failures of the layer cache.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error("cannot extract layer {digest} (diff_id {diff_id})")]
+    Extract {
+        digest: Digest,
+        diff_id: DiffId,
+        #[source]
+        source: LayerError,
+    },
+    #[error(
+        "layer {digest}: its uncompressed content has diff_id {actual}, but the image config \
+         says {expected}; refusing it"
+    )]
+    DiffIdMismatch {
+        digest: Digest,
+        expected: DiffId,
+        actual: DiffId,
+    },
+    #[error("layer {diff_id} is not in the layer cache")]
+    Missing { diff_id: DiffId },
+    #[error("layer cache: cannot {op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layer cache: metadata {path} is unreadable")]
+    Meta {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StorageError {
+    let path = path.to_path_buf();
+    move |source| StorageError::Io { op, path, source }
+}
+
+/// The layer cache of one home folder.
+#[derive(Debug)]
+pub struct ImageStorage {
+    layers_dir: PathBuf,
+    tmp_dir: PathBuf,
+    extractions: AtomicU64,
+}
+
+impl ImageStorage {
+    pub fn new(home: &Home) -> ImageStorage {
+        ImageStorage {
+            layers_dir: home.layers_dir(),
+            tmp_dir: home.tmp_dir(),
+            extractions: AtomicU64::new(0),
+        }
+    }
+
+    /// `images/layers/<hex>`.
+    pub fn layer_dir(&self, diff_id: &DiffId) -> PathBuf {
+        self.layers_dir.join(diff_id.hex())
+    }
+
+    /// The layer's own files.
+    pub fn layer_root(&self, diff_id: &DiffId) -> PathBuf {
+        self.layer_dir(diff_id).join(ROOT_DIR)
+    }
+
+    /// Whether the layer is in the cache (complete: directories only appear complete).
+    pub fn has_layer(&self, diff_id: &DiffId) -> bool {
+        self.layer_dir(diff_id).join(META_FILE).is_file()
+    }
+
+    /// How many layers this `ImageStorage` extracted and committed so far.
+    pub fn extractions(&self) -> u64 {
+        self.extractions.load(Ordering::Relaxed)
+    }
+
+    /// The layer's side table (whiteouts and the rest).
+    pub fn read_meta(&self, diff_id: &DiffId) -> Result<LayerMeta, StorageError> {
+        let path = self.layer_dir(diff_id).join(META_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StorageError::Missing {
+                    diff_id: diff_id.clone(),
+                })
+            }
+            Err(e) => return Err(io_err("read", &path)(e)),
+        };
+        serde_json::from_slice(&bytes).map_err(|source| StorageError::Meta { path, source })
+    }
+
+    /// Makes sure the layer with `expected` diff_id is in the cache, extracting `blob` if not.
+    ///
+    /// The blob is decompressed (by its media type, corrected by its magic bytes), limited to
+    /// `limits`, extracted into staging while hashed, checked against `expected`, and renamed
+    /// into place. On any error nothing is left behind.
+    pub fn ensure_layer(
+        &self,
+        blob: &LayerBlob<'_>,
+        expected: &DiffId,
+        limits: &Limits,
+    ) -> Result<LayerInfo, StorageError> {
+        let dir = self.layer_dir(expected);
+        if self.has_layer(expected) {
+            tracing::debug!(diff_id = %expected, "layer already extracted");
+            return Ok(LayerInfo {
+                diff_id: expected.clone(),
+                dir,
+                extracted: false,
+                uncompressed_bytes: None,
+            });
+        }
+        let compression = Compression::from_media_type(blob.media_type)?;
+        let file = File::open(blob.path).map_err(|source| ArchiveError::Read {
+            digest: blob.digest.clone(),
+            source,
+        })?;
+
+        let staging = Staging::create(&self.tmp_dir, expected)?;
+        let size = self.extract_into(&staging.path, file, compression, blob, expected, limits)?;
+
+        fs::create_dir_all(&self.layers_dir).map_err(io_err("create", &self.layers_dir))?;
+        let committed = staging.commit(&dir)?;
+        if committed {
+            self.extractions.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(diff_id = %expected, digest = %blob.digest, bytes = size, "layer extracted");
+        } else {
+            tracing::debug!(diff_id = %expected, "another process extracted the layer first");
+        }
+        Ok(LayerInfo {
+            diff_id: expected.clone(),
+            dir,
+            extracted: committed,
+            uncompressed_bytes: Some(size),
+        })
+    }
+
+    fn extract_into(
+        &self,
+        staging: &Path,
+        file: File,
+        compression: Compression,
+        blob: &LayerBlob<'_>,
+        expected: &DiffId,
+        limits: &Limits,
+    ) -> Result<u64, StorageError> {
+        let mut stream = LayerStream::open(
+            file,
+            compression,
+            blob.digest.clone(),
+            limits.max_uncompressed_bytes,
+        )?;
+        let options = ExtractOptions {
+            max_entries: limits.max_entries,
+        };
+        let root = staging.join(ROOT_DIR);
+        let extracted = layer::extract_layer(&mut stream, &root, &options);
+        let meta = match extracted {
+            Ok(meta) => meta,
+            Err(source) => {
+                if let Some(limit) = stream.limit_error() {
+                    return Err(limit.into());
+                }
+                return Err(StorageError::Extract {
+                    digest: blob.digest.clone(),
+                    diff_id: expected.clone(),
+                    source,
+                });
+            }
+        };
+        if let Err(source) = stream.drain() {
+            return Err(match stream.limit_error() {
+                Some(limit) => limit.into(),
+                None => ArchiveError::Read {
+                    digest: blob.digest.clone(),
+                    source,
+                }
+                .into(),
+            });
+        }
+        let (actual, size) = stream.finish();
+        if &actual != expected {
+            return Err(StorageError::DiffIdMismatch {
+                digest: blob.digest.clone(),
+                expected: expected.clone(),
+                actual,
+            });
+        }
+
+        let meta_path = staging.join(META_FILE);
+        let json = serde_json::to_vec_pretty(&meta).expect("layer metadata serializes");
+        let mut out = File::create(&meta_path).map_err(io_err("create", &meta_path))?;
+        out.write_all(&json).map_err(io_err("write", &meta_path))?;
+        // One syncfs flushes every file of the layer, far cheaper than an fsync per file.
+        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&out))
+            .map_err(|e| io_err("sync", staging)(fsops::errno_io(e)))?;
+        Ok(size)
+    }
+
+    /// Removes a layer from the cache (moved aside first, so it never looks half-present).
+    pub fn remove_layer(&self, diff_id: &DiffId) -> Result<(), StorageError> {
+        let dir = self.layer_dir(diff_id);
+        let aside = self
+            .tmp_dir
+            .join(format!("removing-{}-{}", diff_id.hex(), unique()));
+        match fs::rename(&dir, &aside) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("move aside", &dir)(e)),
+        }
+        fsops::remove_tree(&aside).map_err(io_err("remove", &aside))
+    }
+
+    /// The diff_ids of every layer in the cache.
+    pub fn list_layers(&self) -> Result<Vec<DiffId>, StorageError> {
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(&self.layers_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io_err("list", &self.layers_dir)(e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(io_err("list", &self.layers_dir))?;
+            if let Some(d) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| Digest::from_hex(n).ok())
+            {
+                if self.has_layer(&d) {
+                    out.push(d);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes staging directories left by processes that died mid-extraction.
+    pub fn clean_stale_staging(&self) -> Result<usize, StorageError> {
+        let mut removed = 0;
+        let entries = match fs::read_dir(&self.tmp_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err("list", &self.tmp_dir)(e)),
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(STAGING_PREFIX)) else {
+                continue;
+            };
+            // layer-<hex>-<pid>-<unique>
+            let pid = rest.split('-').nth(1).and_then(|p| p.parse::<i32>().ok());
+            let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+            if !alive {
+                fsops::remove_tree(&entry.path()).map_err(io_err("remove", &entry.path()))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// A staging directory that removes itself unless committed.
+struct Staging {
+    path: PathBuf,
+    done: bool,
+}
+
+impl Staging {
+    fn create(tmp_dir: &Path, diff_id: &DiffId) -> Result<Staging, StorageError> {
+        fs::create_dir_all(tmp_dir).map_err(io_err("create", tmp_dir))?;
+        let path = tmp_dir.join(format!(
+            "{STAGING_PREFIX}{}-{}-{}",
+            diff_id.hex(),
+            std::process::id(),
+            unique()
+        ));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(io_err("create", &path))?;
+        let staging = Staging { path, done: false };
+        let root = staging.path.join(ROOT_DIR);
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&root)
+            .map_err(io_err("create", &root))?;
+        Ok(staging)
+    }
+
+    /// Renames the staging directory to `dest`. `Ok(false)`: `dest` already exists complete
+    /// (another process won); the staging copy is discarded.
+    fn commit(mut self, dest: &Path) -> Result<bool, StorageError> {
+        for _ in 0..2 {
+            match nix::fcntl::renameat2(
+                None,
+                &self.path,
+                None,
+                dest,
+                nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+            ) {
+                Ok(()) => {
+                    self.done = true;
+                    if let Some(parent) = dest.parent() {
+                        fsops::sync_dir(parent).map_err(io_err("sync", parent))?;
+                    }
+                    return Ok(true);
+                }
+                Err(nix::errno::Errno::EEXIST | nix::errno::Errno::ENOTEMPTY) => {
+                    if dest.join(META_FILE).is_file() {
+                        return Ok(false);
+                    }
+                    // A directory without metadata is nobody's finished work (a manual copy,
+                    // an interrupted removal): clear it and try once more.
+                    tracing::warn!(path = %dest.display(), "removing an incomplete layer directory");
+                    fsops::remove_tree(dest).map_err(io_err("remove", dest))?;
+                }
+                Err(e) => return Err(io_err("commit", dest)(fsops::errno_io(e))),
+            }
+        }
+        Err(io_err("commit", dest)(io::Error::from(
+            io::ErrorKind::AlreadyExists,
+        )))
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Err(e) = fsops::remove_tree(&self.path) {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove staging directory");
+            }
+        }
+    }
+}
+
+fn unique() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{nanos:x}{:x}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+// Public types cross threads (the pull pipeline extracts on workers).
+const _: () = {
+    fn check<T: Send + Sync>() {}
+    #[allow(dead_code)]
+    fn all() {
+        check::<ImageStorage>();
+        check::<LayerInfo>();
+        check::<StorageError>();
+        check::<Limits>();
+    }
+};

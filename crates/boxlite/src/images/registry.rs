@@ -1,1 +1,0 @@
-//! Owned by the registry work (not yet written).
