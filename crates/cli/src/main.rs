@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "boxlite", version, about = "Run OCI images in lightweight virtual machines")]
+#[command(
+    name = "boxlite",
+    version,
+    about = "Run OCI images in lightweight virtual machines"
+)]
 struct Cli {
     /// Log level for diagnostics on stderr (error, warn, info, debug, trace).
     #[arg(long, global = true, env = "BOXLITE_LOG", default_value = "warn")]
@@ -55,5 +59,8 @@ fn main() -> ExitCode {
 
 /// The whole cause chain on one line: `what failed: because: because`.
 fn error_chain(err: &anyhow::Error) -> String {
-    err.chain().map(|e| e.to_string()).collect::<Vec<_>>().join(": ")
+    err.chain()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
