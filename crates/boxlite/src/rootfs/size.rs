@@ -57,7 +57,7 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
 /// Formats bytes the way `parse_size` reads them, with the largest exact unit (`10G`, `1536M`).
 pub fn format_size(bytes: u64) -> String {
     for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.trailing_zeros() >= shift {
             return format!("{}{unit}", bytes >> shift);
         }
     }
