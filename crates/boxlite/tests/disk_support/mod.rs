@@ -130,3 +130,68 @@ pub fn dir_names(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// `len` guest bytes at `offset` of a qcow2 image, through `qemu-io -r` (hex dump parsed).
+pub fn guest_read(path: &Path, offset: u64, len: u64) -> Vec<u8> {
+    let out = qemu_io(&[
+        "-r",
+        "-U",
+        "-f",
+        "qcow2",
+        "-c",
+        &format!("read -v {offset} {len}"),
+        path.to_str().unwrap(),
+    ]);
+    let mut bytes = Vec::new();
+    for line in out.lines() {
+        let Some((addr, rest)) = line.split_once(":  ") else {
+            continue;
+        };
+        if u64::from_str_radix(addr.trim(), 16).is_err() {
+            continue;
+        }
+        for hex in rest.split_whitespace().take(16) {
+            if hex.len() == 2 {
+                if let Ok(b) = u8::from_str_radix(hex, 16) {
+                    bytes.push(b);
+                }
+            }
+        }
+    }
+    bytes.truncate(len as usize);
+    assert_eq!(bytes.len() as u64, len, "qemu-io read output:\n{out}");
+    bytes
+}
+
+/// Writes `len` bytes of `pattern` at `offset` of a qcow2 image with `qemu-io`.
+pub fn guest_write(path: &Path, offset: u64, len: u64, pattern: u8) {
+    qemu_io(&[
+        "-f",
+        "qcow2",
+        "-c",
+        &format!("write -P {pattern} {offset} {len}"),
+        path.to_str().unwrap(),
+    ]);
+}
+
+/// Builds a small rootfs with the project's busybox script.
+pub fn busybox_tree(dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-busybox-rootfs.sh");
+    let status = Command::new("bash").arg(script).arg(dir).status().unwrap();
+    assert!(status.success());
+}
+
+/// `du -s --block-size=1` of a folder.
+pub fn du_bytes(path: &Path) -> u64 {
+    let out = Command::new("du")
+        .args(["-s", "--block-size=1"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
