@@ -56,7 +56,7 @@ pub enum DiskError {
     Qcow2 {
         box_id: String,
         #[source]
-        source: Qcow2Error,
+        source: Box<Qcow2Error>,
     },
     /// A filesystem operation failed.
     #[error("{op} {path}")]
@@ -129,7 +129,7 @@ impl BoxDisk {
         let size = size.unwrap_or(DEFAULT_DISK_SIZE);
         let wrap = |source| DiskError::Qcow2 {
             box_id: box_id.to_string(),
-            source,
+            source: Box::new(source),
         };
         // Never smaller than the base filesystem.
         let base_len = std::fs::metadata(base).map_err(io_err("stat", base))?.len();
@@ -169,7 +169,7 @@ impl BoxDisk {
     fn wrap(&self) -> impl FnOnce(Qcow2Error) -> DiskError + '_ {
         move |source| DiskError::Qcow2 {
             box_id: self.box_id.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -251,7 +251,7 @@ impl BoxDisk {
         let size = self.virtual_size()?;
         let new_wrap = |source| DiskError::Qcow2 {
             box_id: new_box_id.to_string(),
-            source,
+            source: Box::new(source),
         };
 
         if !self.snapshots()?.is_empty() {

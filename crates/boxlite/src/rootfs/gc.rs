@@ -106,8 +106,6 @@ pub fn usage(home: &Home, image_ids: &[&str], box_ids: &[&str]) -> DiskUsage {
             usage.volumes += sum(files_with_ext(&e.path(), "qcow2"));
         }
     }
-    usage.reclaimable = unreferenced(home, image_ids, box_ids)
-        .map(|files| sum(files))
-        .unwrap_or(0);
+    usage.reclaimable = unreferenced(home, image_ids, box_ids).map(sum).unwrap_or(0);
     usage
 }
