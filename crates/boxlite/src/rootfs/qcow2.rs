@@ -11,7 +11,7 @@
 //!   the old one, so a crash leaves the old image or the new one.
 
 use std::collections::HashSet;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -353,41 +353,43 @@ pub fn flatten(path: &Path, onto: Option<&ChainLink>) -> Result<()> {
             });
         }
     }
-    let size = info(path)?.virtual_size.to_string();
     let parent = canonical_parent(path)?;
     let tmp = temp_sibling(path);
     let _cleanup = RemoveOnDrop(tmp.clone());
 
-    let mut args: Vec<OsString> = vec![
-        "convert".into(),
-        "-q".into(),
-        "-f".into(),
-        "qcow2".into(),
-        "-O".into(),
-        "qcow2".into(),
-    ];
-    if let Some(onto) = onto {
-        // With -B, convert writes only what differs from the new backing file.
-        args.extend([
-            "-B".into(),
-            relative_path(&parent, &onto.canonical).into_os_string(),
-            "-F".into(),
-            onto.format.as_str().into(),
-        ]);
-    }
-    args.extend([path.as_os_str().to_owned(), tmp.as_os_str().to_owned()]);
-    let args_ref: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-    qemu_img::qemu_img(&args_ref).map_err(tool_err("flatten", path))?;
-    if info(&tmp)?.virtual_size.to_string() != size {
-        qemu_img::qemu_img(&[
-            "resize".as_ref(),
-            "-q".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            tmp.as_os_str(),
-            size.as_ref(),
-        ])
-        .map_err(tool_err("flatten", path))?;
+    match onto {
+        Some(onto) => {
+            // Safe-mode rebase of a copy: every cluster that reads differently through the new
+            // backing file is copied into the image first. (`convert -B` would copy only the
+            // top image's own clusters and lose the layers in between.)
+            std::fs::copy(path, &tmp).map_err(io_err("copy", path))?;
+            let relative = relative_path(&parent, &onto.canonical);
+            qemu_img::qemu_img(&[
+                "rebase".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "-F".as_ref(),
+                onto.format.as_str().as_ref(),
+                "-b".as_ref(),
+                relative.as_os_str(),
+                tmp.as_os_str(),
+            ])
+            .map_err(tool_err("flatten", path))?;
+        }
+        None => {
+            qemu_img::qemu_img(&[
+                "convert".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "-O".as_ref(),
+                "qcow2".as_ref(),
+                path.as_os_str(),
+                tmp.as_os_str(),
+            ])
+            .map_err(tool_err("flatten", path))?;
+        }
     }
     settle(&tmp, "flatten")?;
     sync_file(&tmp)?;
