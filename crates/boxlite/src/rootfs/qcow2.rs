@@ -11,7 +11,6 @@
 //!   the old one, so a crash leaves the old image or the new one.
 
 use std::collections::HashSet;
-use std::ffi::OsStr;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
