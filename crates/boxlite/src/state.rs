@@ -39,6 +39,20 @@ const SCHEMA: &[&str] = &[
         reference TEXT PRIMARY KEY,
         image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE
     )",
+    // volumes: named qcow2 volumes and which Boxes hold them.
+    "CREATE TABLE IF NOT EXISTS volumes (
+        name TEXT PRIMARY KEY,
+        size INTEGER NOT NULL,
+        backing TEXT,
+        created_at INTEGER NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS volume_leases (
+        volume TEXT NOT NULL,
+        box_id TEXT NOT NULL,
+        read_write INTEGER NOT NULL,
+        acquired_at INTEGER NOT NULL,
+        PRIMARY KEY (volume, box_id)
+    )",
 ];
 
 /// An open connection to the state database.
