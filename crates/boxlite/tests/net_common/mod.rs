@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod vm;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
