@@ -2,16 +2,18 @@
 //! the host chose, brings it up, runs DISCOVER/OFFER/REQUEST/ACK and applies the lease
 //! (address, netmask, default route, MTU) with the classic interface and route ioctls.
 //!
-//! Before the lease the interface has no address, so the client asks servers to broadcast their
-//! replies (the BROADCAST flag) and listens on a UDP socket bound to port 68 and to the device;
-//! every backend (usernet, libslirp, passt) honours the flag. Retransmissions back off from 1 s
+//! Before the lease the interface has no address, so the kernel would drop a reply unicast to
+//! the offered address before any UDP socket saw it, and not every server honours the BROADCAST
+//! flag (passt unicasts). Requests therefore go out through a UDP socket bound to port 68 and to
+//! the device, and replies are read from an `AF_PACKET` socket on the device, which sees them
+//! whatever their destination; the IPv4 and UDP headers are checked by hand. Retransmissions back off from 1 s
 //! to 4 s until the caller's deadline. Renewal is not needed: the agent lives as long as the Box
 //! and the backends hand out leases far longer than it usually runs; a lease that expires
 //! anyway stays configured (no backend takes addresses back).
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use boxlite_protocol::NetworkSetup;
@@ -36,7 +38,8 @@ pub fn configure(setup: &NetworkSetup) -> Result<Option<String>, String> {
 
     let sock = client_socket(&ifname).map_err(|e| format!("DHCP socket on {ifname}: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(setup.dhcp_timeout_secs.max(1));
-    let lease = obtain(&sock, mac, deadline)
+    let rx = packet_socket(&ifname).map_err(|e| format!("packet socket on {ifname}: {e}"))?;
+    let lease = obtain(&sock, &rx, mac, deadline)
         .map_err(|e| format!("no DHCP lease on {ifname} ({}): {e}", setup.mac))?;
     apply(&ctl, &ifname, &lease).map_err(|e| format!("configuring {ifname}: {e}"))?;
     Ok(Some(lease.ip.to_string()))
@@ -55,7 +58,8 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 
 fn find_interface(mac: &str) -> Result<String, String> {
     let want = mac.to_ascii_lowercase();
-    let entries = std::fs::read_dir("/sys/class/net").map_err(|e| format!("/sys/class/net: {e}"))?;
+    let entries =
+        std::fs::read_dir("/sys/class/net").map_err(|e| format!("/sys/class/net: {e}"))?;
     for e in entries.flatten() {
         let addr = std::fs::read_to_string(e.path().join("address")).unwrap_or_default();
         if addr.trim().to_ascii_lowercase() == want {
@@ -79,7 +83,7 @@ fn socket2_like_bind(ifname: &str) -> io::Result<UdpSocket> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: fd is a fresh socket we own from here on.
-    let sock: UdpSocket = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+    let sock = unsafe { UdpSocket::from_raw_fd(fd) };
     let one: libc::c_int = 1;
     // SAFETY: setsockopt with a valid int option value.
     let rc = unsafe {
@@ -164,19 +168,92 @@ fn request_msg(mac: [u8; 6], xid: u32, kind: MessageType, offer: Option<&Message
     m.to_vec().expect("a DHCP request we built always encodes")
 }
 
+/// A packet socket on `ifname` receiving every IPv4 packet (without the Ethernet header).
+fn packet_socket(ifname: &str) -> io::Result<OwnedFd> {
+    let name = std::ffi::CString::new(ifname)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in interface name"))?;
+    // SAFETY: name is a valid C string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let proto = (libc::ETH_P_IP as u16).to_be();
+    // SAFETY: plain socket(2); the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::c_int::from(proto),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid start.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = index as libc::c_int;
+    // SAFETY: sll is a valid sockaddr_ll of the given length.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// The UDP payload of an IPv4 packet addressed to port 68, if it is one. Never reads past `ip`.
+fn dhcp_client_payload(ip: &[u8]) -> Option<&[u8]> {
+    if ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != 17 {
+        return None;
+    }
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+    let flags_frag = u16::from_be_bytes([ip[6], ip[7]]);
+    if ihl < 20 || total < ihl + 8 || flags_frag & 0x3fff != 0 {
+        return None; // bad header, or a fragment
+    }
+    let udp = &ip[ihl..total];
+    let dst_port = u16::from_be_bytes([udp[2], udp[3]]);
+    let udp_len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+    if dst_port != 68 || udp_len < 8 || udp_len > udp.len() {
+        return None;
+    }
+    Some(&udp[8..udp_len])
+}
+
 /// Waits for a reply with `xid` of one of `kinds` until `until`.
-fn wait_reply(sock: &UdpSocket, xid: u32, kinds: &[MessageType], until: Instant) -> Option<Message> {
-    let mut buf = [0u8; 1500];
+fn wait_reply(rx: &OwnedFd, xid: u32, kinds: &[MessageType], until: Instant) -> Option<Message> {
+    let mut buf = [0u8; 2048];
     loop {
         let left = until.checked_duration_since(Instant::now())?;
-        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
-            .ok()?;
-        let n = match sock.recv(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return None,
+        let mut pfd = libc::pollfd {
+            fd: rx.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
         };
-        let Ok(m) = Message::decode(&mut Decoder::new(&buf[..n])) else {
+        let ms = left.as_millis().clamp(1, 60_000) as libc::c_int;
+        // SAFETY: pfd is one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+            continue;
+        }
+        // SAFETY: buf is writable for its length.
+        let n = unsafe { libc::recv(rx.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n <= 0 {
+            continue;
+        }
+        let Some(payload) = dhcp_client_payload(&buf[..n as usize]) else {
+            continue;
+        };
+        let Ok(m) = Message::decode(&mut Decoder::new(payload)) else {
             continue;
         };
         if m.opcode() != Opcode::BootReply || m.xid() != xid {
@@ -189,7 +266,12 @@ fn wait_reply(sock: &UdpSocket, xid: u32, kinds: &[MessageType], until: Instant)
     }
 }
 
-fn obtain(sock: &UdpSocket, mac: [u8; 6], deadline: Instant) -> Result<Lease, String> {
+fn obtain(
+    sock: &UdpSocket,
+    rx: &OwnedFd,
+    mac: [u8; 6],
+    deadline: Instant,
+) -> Result<Lease, String> {
     let server: SocketAddr = (Ipv4Addr::BROADCAST, 67).into();
     let mut xid = xid_seed(mac);
     let mut wait = Duration::from_secs(1);
@@ -199,7 +281,7 @@ fn obtain(sock: &UdpSocket, mac: [u8; 6], deadline: Instant) -> Result<Lease, St
         let step_end = (Instant::now() + wait).min(deadline);
         sock.send_to(&request_msg(mac, xid, MessageType::Discover, None), server)
             .map_err(|e| format!("sending DISCOVER: {e}"))?;
-        let Some(offer) = wait_reply(sock, xid, &[MessageType::Offer], step_end) else {
+        let Some(offer) = wait_reply(rx, xid, &[MessageType::Offer], step_end) else {
             wait = (wait * 2).min(Duration::from_secs(4));
             continue;
         };
@@ -208,7 +290,7 @@ fn obtain(sock: &UdpSocket, mac: [u8; 6], deadline: Instant) -> Result<Lease, St
             sock.send_to(&request, server)
                 .map_err(|e| format!("sending REQUEST: {e}"))?;
             let until = (Instant::now() + Duration::from_secs(1)).min(deadline);
-            match wait_reply(sock, xid, &[MessageType::Ack, MessageType::Nak], until) {
+            match wait_reply(rx, xid, &[MessageType::Ack, MessageType::Nak], until) {
                 Some(ack) if ack.opts().msg_type() == Some(MessageType::Ack) => {
                     return lease_from(&ack);
                 }
@@ -250,7 +332,10 @@ fn lease_from(ack: &Message) -> Result<Lease, String> {
 
 fn ifreq(ifname: &str) -> io::Result<libc::ifreq> {
     if ifname.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
     }
     // SAFETY: ifreq is plain data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -285,23 +370,43 @@ fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
 
 fn set_up(sock: &UdpSocket, ifname: &str) -> io::Result<()> {
     let mut req = ifreq(ifname)?;
-    ioctl(sock, libc::SIOCGIFFLAGS, (&mut req as *mut libc::ifreq).cast())?;
+    ioctl(
+        sock,
+        libc::SIOCGIFFLAGS,
+        (&mut req as *mut libc::ifreq).cast(),
+    )?;
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
     unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
-    ioctl(sock, libc::SIOCSIFFLAGS, (&mut req as *mut libc::ifreq).cast())
+    ioctl(
+        sock,
+        libc::SIOCSIFFLAGS,
+        (&mut req as *mut libc::ifreq).cast(),
+    )
 }
 
 fn apply(sock: &UdpSocket, ifname: &str, lease: &Lease) -> io::Result<()> {
     let mut req = ifreq(ifname)?;
     req.ifr_ifru.ifru_addr = sockaddr(lease.ip);
-    ioctl(sock, libc::SIOCSIFADDR, (&mut req as *mut libc::ifreq).cast())?;
+    ioctl(
+        sock,
+        libc::SIOCSIFADDR,
+        (&mut req as *mut libc::ifreq).cast(),
+    )?;
     let mut req = ifreq(ifname)?;
     req.ifr_ifru.ifru_netmask = sockaddr(lease.netmask);
-    ioctl(sock, libc::SIOCSIFNETMASK, (&mut req as *mut libc::ifreq).cast())?;
+    ioctl(
+        sock,
+        libc::SIOCSIFNETMASK,
+        (&mut req as *mut libc::ifreq).cast(),
+    )?;
     if let Some(mtu) = lease.mtu {
         let mut req = ifreq(ifname)?;
         req.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
-        ioctl(sock, libc::SIOCSIFMTU, (&mut req as *mut libc::ifreq).cast())?;
+        ioctl(
+            sock,
+            libc::SIOCSIFMTU,
+            (&mut req as *mut libc::ifreq).cast(),
+        )?;
     }
     if let Some(router) = lease.router {
         let mut name = ifname.as_bytes().to_vec();
@@ -313,7 +418,11 @@ fn apply(sock: &UdpSocket, ifname: &str, lease: &Lease) -> io::Result<()> {
         rt.rt_gateway = sockaddr(router);
         rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
         rt.rt_dev = name.as_mut_ptr().cast();
-        match ioctl(sock, libc::SIOCADDRT, (&mut rt as *mut libc::rtentry).cast()) {
+        match ioctl(
+            sock,
+            libc::SIOCADDRT,
+            (&mut rt as *mut libc::rtentry).cast(),
+        ) {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
             r => r?,
         }
@@ -336,22 +445,55 @@ mod tests {
         offer.set_yiaddr(Ipv4Addr::new(192, 168, 127, 2));
         offer
             .opts_mut()
-            .insert(DhcpOption::ServerIdentifier(Ipv4Addr::new(192, 168, 127, 1)));
+            .insert(DhcpOption::ServerIdentifier(Ipv4Addr::new(
+                192, 168, 127, 1,
+            )));
         let r = request_msg(mac, 7, MessageType::Request, Some(&offer));
         let r = Message::decode(&mut Decoder::new(&r)).unwrap();
         assert_eq!(
             r.opts().get(OptionCode::RequestedIpAddress),
-            Some(&DhcpOption::RequestedIpAddress(Ipv4Addr::new(192, 168, 127, 2)))
+            Some(&DhcpOption::RequestedIpAddress(Ipv4Addr::new(
+                192, 168, 127, 2
+            )))
         );
         assert_eq!(
             r.opts().get(OptionCode::ServerIdentifier),
-            Some(&DhcpOption::ServerIdentifier(Ipv4Addr::new(192, 168, 127, 1)))
+            Some(&DhcpOption::ServerIdentifier(Ipv4Addr::new(
+                192, 168, 127, 1
+            )))
+        );
+    }
+
+    #[test]
+    fn only_whole_udp_to_port_68_is_taken() {
+        let mut ip = vec![
+            0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0, 192, 168, 127, 1, 255, 255, 255, 255,
+        ];
+        ip.extend_from_slice(&[0, 67, 0, 68, 0, 11, 0, 0, b'a', b'b', b'c']);
+        let total = ip.len() as u16;
+        ip[2..4].copy_from_slice(&total.to_be_bytes());
+        assert_eq!(dhcp_client_payload(&ip), Some(&b"abc"[..]));
+        for cut in 0..ip.len() {
+            let _ = dhcp_client_payload(&ip[..cut]);
+        }
+        let mut wrong_port = ip.clone();
+        wrong_port[23] = 69;
+        assert_eq!(dhcp_client_payload(&wrong_port), None);
+        let mut long = ip.clone();
+        long[25] = 200;
+        assert_eq!(
+            dhcp_client_payload(&long),
+            None,
+            "UDP length past the packet"
         );
     }
 
     #[test]
     fn mac_parsing() {
-        assert_eq!(parse_mac("52:54:00:12:34:56").unwrap(), [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        assert_eq!(
+            parse_mac("52:54:00:12:34:56").unwrap(),
+            [0x52, 0x54, 0, 0x12, 0x34, 0x56]
+        );
         assert!(parse_mac("52:54:00").is_err());
         assert!(parse_mac("zz:54:00:12:34:56").is_err());
     }
