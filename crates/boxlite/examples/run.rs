@@ -22,7 +22,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let accel = bx.start(false)?;
     eprintln!("box {} running under {}", bx.name(), accel.accel);
 
-    let session = bx.exec(ExecOptions { argv, ..Default::default() })?;
+    let session = bx.exec(ExecOptions {
+        argv,
+        ..Default::default()
+    })?;
     let status = session.wait(&mut std::io::stdout(), &mut std::io::stderr())?;
 
     bx.stop(Duration::from_secs(10))?;

@@ -13,11 +13,28 @@ fn debian_from_a_registry_runs_with_working_apt_and_dpkg() {
     env.ok(&["pull", "--quiet", &reference]);
 
     let out = env.ok(&["run", "--rm", &reference, "cat", "/etc/debian_version"]);
-    assert!(out.trim().starts_with("12."), "bookworm is Debian 12: {out:?}");
+    assert!(
+        out.trim().starts_with("12."),
+        "bookworm is Debian 12: {out:?}"
+    );
 
-    env.ok(&["run", "-d", "--name", "deb", &reference, "sleep", "infinity"]);
-    let out = env.ok(&["exec", "deb", "dpkg-query", "-W", "-f", "${Package} ${Status}\n", "dpkg", "apt"]);
-    assert!(out.contains("dpkg install ok installed") && out.contains("apt install ok installed"), "{out}");
+    env.ok(&[
+        "run", "-d", "--name", "deb", &reference, "sleep", "infinity",
+    ]);
+    let out = env.ok(&[
+        "exec",
+        "deb",
+        "dpkg-query",
+        "-W",
+        "-f",
+        "${Package} ${Status}\n",
+        "dpkg",
+        "apt",
+    ]);
+    assert!(
+        out.contains("dpkg install ok installed") && out.contains("apt install ok installed"),
+        "{out}"
+    );
     let out = env.ok(&["exec", "deb", "apt-get", "--version"]);
     assert!(out.starts_with("apt "), "{out}");
     // dpkg writes its database: the Box's disk is writable and apt's tooling runs (no network

@@ -201,7 +201,11 @@ pub fn main_process(image: &ImageDefaults, opts: &BoxOptions, hostname: &str) ->
         env.push("TERM=xterm".into());
     }
     ProcessSpec {
-        argv: if opts.idle { vec![] } else { entrypoint.into_iter().chain(cmd).collect() },
+        argv: if opts.idle {
+            vec![]
+        } else {
+            entrypoint.into_iter().chain(cmd).collect()
+        },
         env,
         cwd: opts
             .workdir

@@ -9,7 +9,11 @@ use std::sync::OnceLock;
 
 /// The repository root (for scripts/).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .unwrap()
+        .to_path_buf()
 }
 
 /// A home folder of its own, removed (with its Boxes killed) when dropped.
@@ -19,7 +23,12 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Env {
-        Env { home: tempfile::Builder::new().prefix("bl").tempdir_in("/tmp").unwrap() }
+        Env {
+            home: tempfile::Builder::new()
+                .prefix("bl")
+                .tempdir_in("/tmp")
+                .unwrap(),
+        }
     }
 
     pub fn cmd(&self) -> Command {
@@ -59,13 +68,22 @@ impl Env {
     }
 
     pub fn state_of(&self, name: &str) -> serde_json::Value {
-        self.ls().into_iter().find(|b| b["name"] == name).unwrap_or(serde_json::Value::Null)
+        self.ls()
+            .into_iter()
+            .find(|b| b["name"] == name)
+            .unwrap_or(serde_json::Value::Null)
     }
 
     /// Imports the busybox test image as `localhost/busybox:test` and returns that reference.
     pub fn busybox(&self) -> &'static str {
         let layout = busybox_layout();
-        self.ok(&["image", "import", layout.to_str().unwrap(), "--tag", "localhost/busybox:test"]);
+        self.ok(&[
+            "image",
+            "import",
+            layout.to_str().unwrap(),
+            "--tag",
+            "localhost/busybox:test",
+        ]);
         "localhost/busybox:test"
     }
 }
@@ -95,7 +113,8 @@ pub fn busybox_layout() -> PathBuf {
     static LAYOUT: OnceLock<PathBuf> = OnceLock::new();
     LAYOUT
         .get_or_init(|| {
-            let dir = std::env::temp_dir().join(format!("boxlite-test-busybox-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("boxlite-test-busybox-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             let status = Command::new("bash")
                 .arg(repo_root().join("scripts/make-busybox-image.sh"))
@@ -114,13 +133,19 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().filter(|s| s.bytes().all(|b| b.is_ascii_digit())) else {
+        let Some(pid) = name
+            .to_str()
+            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+        else {
             continue;
         };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let zombie = stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'));
         if text.contains(needle) && !zombie && pid != std::process::id().to_string() {
             found.push(format!("{pid}: {text}"));
         }
@@ -160,7 +185,11 @@ impl Registry {
             assert!(started.elapsed().as_secs() < 20, "registry did not start");
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        Registry { port, child, _dir: dir }
+        Registry {
+            port,
+            child,
+            _dir: dir,
+        }
     }
 
     /// Pushes `oci:LAYOUT:TAG` to `127.0.0.1:PORT/REPO` with skopeo; returns the reference.
@@ -172,7 +201,11 @@ impl Registry {
             .arg(format!("docker://{reference}"))
             .output()
             .unwrap();
-        assert!(out.status.success(), "skopeo copy: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "skopeo copy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         reference
     }
 }
@@ -185,7 +218,11 @@ impl Drop for Registry {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// An OCI layout of Debian bookworm (debootstrap --variant=minbase + umoci), tag `bookworm`.
@@ -193,7 +230,8 @@ pub fn debian_layout() -> PathBuf {
     static LAYOUT: OnceLock<PathBuf> = OnceLock::new();
     LAYOUT
         .get_or_init(|| {
-            let dir = std::env::temp_dir().join(format!("boxlite-test-debian-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("boxlite-test-debian-{}", std::process::id()));
             let status = Command::new("bash")
                 .arg(repo_root().join("scripts/make-debian-image.sh"))
                 .arg(&dir)
