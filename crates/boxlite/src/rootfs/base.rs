@@ -121,6 +121,17 @@ pub fn base_path(home: &Home, image_id: &str) -> Result<PathBuf> {
         .join(format!("{}.raw", file_stem(image_id)?)))
 }
 
+/// The base disk of `image_id` if it was built already.
+pub fn existing_base(home: &Home, image_id: &str) -> Result<Option<BaseDisk>> {
+    let path = base_path(home, image_id)?;
+    Ok(std::fs::metadata(&path).ok().map(|meta| BaseDisk {
+        path,
+        format: ImageFormat::Raw,
+        size: meta.len(),
+        built: false,
+    }))
+}
+
 /// Returns the base disk of `image_id`, building it from `rootfs` if it does not exist yet.
 ///
 /// Safe to call from several threads or processes at once: one builds, the others wait for the

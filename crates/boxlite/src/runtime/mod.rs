@@ -15,15 +15,16 @@
 //! ```
 
 pub mod config;
-pub mod disk;
+pub mod image;
 pub mod paths;
 pub mod record;
 
 use crate::home::Home;
 use crate::litebox::LiteBox;
+use crate::rootfs::disk::BoxDisk;
 use crate::state::Db;
 use crate::vmm::VmmError;
-use config::{BoxConfig, BoxOptions, ImageDefaults, RootfsSource};
+use config::{BoxConfig, BoxOptions, RootfsSource};
 use paths::BoxPaths;
 use record::{BoxRecord, BoxState};
 
@@ -117,18 +118,24 @@ impl Runtime {
         if BoxRecord::find(&db, &name)?.is_some() {
             return Err(RuntimeError::NameInUse(name));
         }
-        let (rootfs, defaults, base) = self.resolve_rootfs(&opts, &name)?;
+        let resolved = image::resolve(&self.home, &opts)?;
+        let (rootfs, defaults) = (resolved.source, resolved.defaults);
         let paths = BoxPaths::new(&self.home, &id);
-        std::fs::create_dir_all(&paths.dir)
-            .map_err(io_err(format!("cannot create {}", paths.dir.display())))?;
         let cleanup = |e: RuntimeError| {
             let _ = std::fs::remove_dir_all(&paths.dir);
             e
         };
-        disk::create_overlay(&base, &paths.disk(), opts.disk_size).map_err(|message| {
+        BoxDisk::create(
+            &self.home,
+            &id,
+            &resolved.base.path,
+            resolved.base.format,
+            Some(opts.disk_size),
+        )
+        .map_err(|e| {
             cleanup(RuntimeError::Disk {
                 name: name.clone(),
-                message,
+                message: e.to_string(),
             })
         })?;
         let main = config::main_process(&defaults, &opts, &name);
@@ -182,36 +189,6 @@ impl Runtime {
         }
     }
 
-    fn resolve_rootfs(
-        &self,
-        opts: &BoxOptions,
-        name: &str,
-    ) -> Result<(RootfsSource, ImageDefaults, std::path::PathBuf)> {
-        if let Some(dir) = &opts.rootfs_dir {
-            let dir =
-                std::fs::canonicalize(dir).map_err(io_err(format!("rootfs directory {dir}")))?;
-            let base =
-                disk::ensure_base(&self.home, &disk::dir_key(&dir), &dir).map_err(|message| {
-                    RuntimeError::Disk {
-                        name: name.into(),
-                        message,
-                    }
-                })?;
-            let source = RootfsSource::Dir {
-                path: dir.display().to_string(),
-            };
-            let defaults = ImageDefaults {
-                cmd: vec!["/bin/sh".into()],
-                ..Default::default()
-            };
-            return Ok((source, defaults, base));
-        }
-        Err(RuntimeError::Image {
-            reference: opts.image.clone(),
-            source: "pulling images is not wired into the runtime yet".into(),
-        })
-    }
-
     /// The Box named `key` (name, id or unique id prefix), its state reconciled with reality.
     pub fn get(&self, key: &str) -> Result<LiteBox> {
         let db = self.db()?;
@@ -227,6 +204,18 @@ impl Runtime {
             .into_iter()
             .map(|r| Ok(r.reconcile(&db)?))
             .collect()
+    }
+
+    /// Ids of the images that Boxes were created from: never removed by `image rm`/`prune`.
+    pub fn images_in_use(&self) -> Result<Vec<crate::images::digest::Digest>> {
+        let db = self.db()?;
+        Ok(BoxRecord::list(&db)?
+            .into_iter()
+            .filter_map(|b| match b.config.rootfs {
+                RootfsSource::Image { image_id, .. } => image_id.parse().ok(),
+                RootfsSource::Dir { .. } => None,
+            })
+            .collect())
     }
 
     /// Removes a Box; a running one only with `force` (it is killed first).
