@@ -179,6 +179,18 @@ impl PortForward {
         }
     }
 
+    /// The `[IP:]HOSTPORT:GUESTPORT/PROTO` form that [`FromStr`] reads back.
+    pub fn to_spec(&self) -> String {
+        let ip = match self.host_ip {
+            IpAddr::V6(v6) => format!("[{v6}]"),
+            IpAddr::V4(v4) => v4.to_string(),
+        };
+        format!(
+            "{ip}:{}:{}/{}",
+            self.host_port, self.guest_port, self.protocol
+        )
+    }
+
     /// The host side as a socket address.
     pub fn host_addr(&self) -> SocketAddr {
         SocketAddr::new(self.host_ip, self.host_port)
