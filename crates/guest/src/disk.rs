@@ -66,7 +66,7 @@ pub fn find_by_serial(serial: &str, timeout: Duration) -> Result<PathBuf, DiskEr
                 }
                 let found = fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
                 let found = found.trim().to_string();
-                if found == serial {
+                if serial_matches(serial, &found) {
                     return Ok(PathBuf::from("/dev").join(&name));
                 }
                 seen.push(format!("{name}={found}"));
@@ -81,6 +81,16 @@ pub fn find_by_serial(serial: &str, timeout: Duration) -> Result<PathBuf, DiskEr
         }
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// virtio-blk carries at most this many bytes of a serial; QEMU cuts longer ones.
+const SERIAL_BYTES: usize = 20;
+
+/// Whether the serial the guest sees (`found`) is the one the host set (`wanted`), which may have
+/// been cut to [`SERIAL_BYTES`] on the way.
+fn serial_matches(wanted: &str, found: &str) -> bool {
+    let wanted = wanted.as_bytes();
+    !found.is_empty() && found.as_bytes() == &wanted[..wanted.len().min(SERIAL_BYTES)]
 }
 
 /// What the start of a device holds.
@@ -232,6 +242,21 @@ pub fn grow(device: &Path, mount_point: &Path) -> Result<(), DiskError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serials_match_exactly_or_as_virtio_cuts_them() {
+        assert!(serial_matches("root", "root"));
+        assert!(!serial_matches("root", "root2"));
+        assert!(!serial_matches("", ""));
+        assert!(serial_matches(
+            "vol-0123456789abcdefXYZ",
+            "vol-0123456789abcdef"
+        ));
+        assert!(!serial_matches(
+            "vol-0123456789abcdefXYZ",
+            "vol-0123456789abcde"
+        ));
+    }
 
     #[test]
     fn signatures_zeros_and_junk_are_told_apart() {

@@ -324,12 +324,13 @@ fn disks_survive_shutdown_and_reboot() {
         },
         Disk {
             path: volume.clone(),
-            serial: "vol-data".into(),
+            serial: "volume-data-0123456789".into(),
         },
     ];
+    // The volume's serial is longer than the 20 bytes virtio-blk carries: the guest sees it cut.
     let data_mount = MountSpec {
         source: MountSource::Block {
-            serial: "vol-data".into(),
+            serial: "volume-data-0123456789".into(),
             fstype: "ext4".into(),
             format_if_empty: true,
         },
