@@ -219,8 +219,9 @@ pub fn format_if_empty(
 nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
 nix::ioctl_write_ptr!(ext4_resize_fs, b'f', 16, u64);
 
-/// Grows the ext4 filesystem mounted at `mount_point` to fill `device` (online resize).
-pub fn grow(device: &Path, mount_point: &Path) -> Result<(), DiskError> {
+/// Grows the ext4 filesystem mounted at `mount_point` to fill `device` (online resize); returns
+/// the filesystem's size in blocks. A filesystem that already fills its device is left as is.
+pub fn grow(device: &Path, mount_point: &Path) -> Result<u64, DiskError> {
     let grow_err = |blocks, source| DiskError::Grow {
         device: device.to_path_buf(),
         blocks,
@@ -236,7 +237,7 @@ pub fn grow(device: &Path, mount_point: &Path) -> Result<(), DiskError> {
     let root = File::open(mount_point).map_err(|e| grow_err(blocks, e))?;
     // SAFETY: EXT4_IOC_RESIZE_FS reads one u64 (the new block count) through a valid pointer.
     unsafe { ext4_resize_fs(root.as_raw_fd(), &blocks) }.map_err(|e| grow_err(blocks, e.into()))?;
-    Ok(())
+    Ok(blocks)
 }
 
 #[cfg(test)]

@@ -69,6 +69,8 @@ pub enum SetupError {
         "an earlier setup failed after switching into the Box's root; the Box must be restarted"
     )]
     Broken,
+    #[error("the Box is already set up; Setup is accepted once per boot")]
+    AlreadySetUp,
 }
 
 /// Where the Box is in its assembly.
@@ -90,7 +92,8 @@ pub fn assemble(
 ) -> Result<Option<String>, SetupError> {
     match *stage {
         Stage::Initramfs => {}
-        Stage::Broken | Stage::Ready => return Err(SetupError::Broken),
+        Stage::Broken => return Err(SetupError::Broken),
+        Stage::Ready => return Err(SetupError::AlreadySetUp),
     }
     if let Err(e) = netif::bring_up("lo") {
         log!("bringing up lo failed: {e}");
@@ -134,7 +137,8 @@ fn prepare_root(setup: &GuestSetup, reaper: &Reaper) -> Result<(), SetupError> {
     })?;
     log!("root disk {serial:?} ({}) mounted", device.display());
     if setup.grow_root {
-        disk::grow(&device, Path::new(NEW_ROOT)).map_err(SetupError::Grow)?;
+        let blocks = disk::grow(&device, Path::new(NEW_ROOT)).map_err(SetupError::Grow)?;
+        log!("root filesystem spans {blocks} blocks");
     }
 
     for spec in &setup.mounts {
