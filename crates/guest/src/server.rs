@@ -157,11 +157,16 @@ impl Server {
         let spawned = thread::Builder::new()
             .name(format!("session-{channel}"))
             .spawn(move || {
-                session.run(&req, input, &sink, reaper);
+                let last = session.run(&req, input, &sink, reaper);
+                // Free the channel first: a host that reuses it right after `Exited` must find
+                // it free.
                 sessions
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&channel);
+                if let Err(e) = sink.control(channel, &last) {
+                    log!("channel {channel}: cannot report the end of the session: {e}");
+                }
             });
         if let Err(e) = spawned {
             self.sessions

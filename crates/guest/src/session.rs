@@ -149,17 +149,17 @@ impl Session {
         self.handles.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs the session to its end; sends `Started`, the output, then `Exited` (or `Error`).
+    /// Runs the session to its end: sends `Started` and the output, and returns the message that
+    /// ends the channel (`Exited`, or `Error` when the process could not start). The caller sends
+    /// it once the channel is free for reuse.
     pub fn run(
         &self,
         req: &ExecRequest,
         input: Receiver<Input>,
         sink: &Arc<FrameSink>,
         reaper: &Reaper,
-    ) {
-        let channel = self.channel;
-        let outcome = self.start_and_wait(req, input, sink, reaper);
-        let msg = match outcome {
+    ) -> Control {
+        match self.start_and_wait(req, input, sink, reaper) {
             Ok(ExitStatus::Code(code)) => Control::Exited {
                 code: Some(code),
                 signal: None,
@@ -170,12 +170,9 @@ impl Session {
             },
             Err(e) => {
                 let message = e.to_string();
-                log!("exec on channel {channel} failed: {message}");
+                log!("exec on channel {} failed: {message}", self.channel);
                 Control::Error { message }
             }
-        };
-        if let Err(e) = sink.control(channel, &msg) {
-            log!("channel {channel}: cannot report the end of the session: {e}");
         }
     }
 

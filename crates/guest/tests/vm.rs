@@ -89,6 +89,15 @@ fn basic_exec(agent: &Agent) {
 
     exited(&agent.run(&["sh", "-c", "exit 7"]), 7);
 
+    // A channel is free again as soon as its Exited arrived.
+    for round in 0..3 {
+        let out = agent
+            .exec_on(1000, request(&["echo", "reused"]))
+            .wait(MINUTE);
+        exited(&out, 0);
+        assert_eq!(out.stdout, b"reused\n", "round {round}");
+    }
+
     let out = agent.run(&["no-such-command"]);
     let message = out.error.expect("a missing command is an Error");
     assert!(

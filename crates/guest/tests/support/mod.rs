@@ -457,6 +457,11 @@ impl Agent {
     /// Starts a session on a fresh channel.
     pub fn exec(&self, req: ExecRequest) -> Session<'_> {
         let channel = self.next_channel.fetch_add(1, Ordering::SeqCst);
+        self.exec_on(channel, req)
+    }
+
+    /// Starts a session on `channel`.
+    pub fn exec_on(&self, channel: u32, req: ExecRequest) -> Session<'_> {
         self.control(channel, &Control::Exec(Box::new(req)));
         Session {
             agent: self,
