@@ -213,6 +213,22 @@ fn signals_and_concurrency(agent: &Agent) {
     let out = early.wait(MINUTE);
     assert_eq!((out.code, out.signal), (None, Some(15)), "{out:?}");
 
+    // Many sessions at once, each with its own output.
+    let sessions: Vec<_> = (0..12)
+        .map(|i| {
+            agent.exec(request(&[
+                "sh",
+                "-c",
+                &format!("sleep 0.5; echo session {i}"),
+            ]))
+        })
+        .collect();
+    for (i, session) in sessions.iter().enumerate() {
+        let out = session.wait(MINUTE);
+        exited(&out, 0);
+        assert_eq!(out.stdout_text(), format!("session {i}\n"));
+    }
+
     let asked = Instant::now();
     sleeper.control(&Control::Signal { signal: 2 });
     let out = sleeper.wait(MINUTE);
