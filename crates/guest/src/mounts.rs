@@ -13,6 +13,7 @@ use std::path::{Component, Path, PathBuf};
 use boxlite_protocol::{MountSource, MountSpec};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
+use crate::console::log;
 use crate::disk::{self, DISK_WAIT};
 use crate::early::mount_pseudo;
 
@@ -59,13 +60,24 @@ pub fn mount_system() -> io::Result<()> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some("mode=1777"),
     )?;
-    // /dev/ptmx must open the new devpts instance.
-    if fs::symlink_metadata("/dev/ptmx")
-        .map(|m| !m.file_type().is_symlink())
-        .unwrap_or(true)
-    {
-        let _ = fs::remove_file("/dev/ptmx");
-        std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx")?;
+    // cgroup v2, where container-aware programs look for their limits; a kernel without it is
+    // not a reason to fail the Box.
+    if let Err(e) = mount_pseudo("cgroup2", "/sys/fs/cgroup", hardened, None) {
+        log!("{e}");
+    }
+    // /dev/ptmx must open the new devpts instance; the rest are the links docker provides.
+    for (link, target) in [
+        ("/dev/ptmx", "pts/ptmx"),
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        let is_link = fs::symlink_metadata(link).is_ok_and(|m| m.file_type().is_symlink());
+        if !is_link {
+            let _ = fs::remove_file(link);
+            std::os::unix::fs::symlink(target, link)?;
+        }
     }
     let tmp = Path::new("/tmp");
     if !tmp.is_dir() {

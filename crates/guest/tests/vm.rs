@@ -311,6 +311,7 @@ fn box_environment(agent: &Agent) {
         " /dev type devtmpfs",
         " /dev/pts type devpts",
         " /dev/shm type tmpfs",
+        " /sys/fs/cgroup type cgroup2",
     ] {
         assert!(text.contains(fs), "missing{fs}: {text}");
     }
@@ -330,6 +331,29 @@ fn box_environment(agent: &Agent) {
         })
         .collect();
     assert!(zombies.is_empty(), "zombies left: {zombies:?}");
+
+    let mut req = request(&[
+        "sh",
+        "-c",
+        "cat /dev/stdin; ls /dev/fd/ >/dev/null && echo fd",
+    ]);
+    req.stdin = true;
+    let session = agent.exec(req);
+    session.stdin(b"via /dev/stdin\n");
+    session.control(&Control::StdinEof);
+    let out = session.wait(MINUTE);
+    assert_eq!(out.stdout_text(), "via /dev/stdin\nfd\n", "{out:?}");
+
+    let out = agent.run(&["date", "+%s"]);
+    let guest_time: u64 = out.stdout_text().trim().parse().unwrap();
+    let host_time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        guest_time.abs_diff(host_time) < 120,
+        "guest clock {guest_time}, host clock {host_time}"
+    );
 
     let out = agent.run(&["cat", "/proc/1/cmdline"]);
     assert_eq!(out.stdout, b"/init\0", "the agent is PID 1");
