@@ -42,6 +42,10 @@ impl Server {
             match read_frame(&mut reader) {
                 Ok(Some(frame)) => self.handle(frame),
                 Ok(None) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    reader.wait_for_host();
+                    log!("host connected");
+                }
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                     log!("bad frame from the host: {e}");
                 }

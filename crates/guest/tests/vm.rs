@@ -6,7 +6,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use boxlite_protocol::{Control, ExecRequest, FileSpec, MountSource, MountSpec, PROTOCOL_VERSION};
+use boxlite_protocol::{
+    Control, ExecRequest, FileSpec, Frame, MountSource, MountSpec, PROTOCOL_VERSION,
+};
 use sha2::{Digest, Sha256};
 use support::{request, setup, Agent, Disk, Share, Vm};
 
@@ -499,8 +501,14 @@ fn disks_survive_shutdown_and_reboot() {
         "{out:?}"
     );
 
-    // The host side may disconnect and come back; the agent keeps serving.
+    // The host side may disconnect, even in the middle of a frame, and come back; the agent drops
+    // the partial frame and keeps serving.
+    let mut partial = Vec::new();
+    boxlite_protocol::write_frame(&mut partial, &Frame::control(77, &Control::StdinEof)).unwrap();
+    agent.send_raw(&partial[..7]);
+    std::thread::sleep(Duration::from_millis(300));
     drop(agent);
+    std::thread::sleep(Duration::from_secs(1));
     let agent = vm.connect();
     let out = agent.run(&["echo", "again"]);
     exited(&out, 0);

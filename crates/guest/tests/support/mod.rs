@@ -410,6 +410,11 @@ impl Agent {
         write_frame(&mut *self.writer.lock().unwrap(), frame).expect("writing to the agent");
     }
 
+    /// Writes raw bytes (e.g. part of a frame) to the agent.
+    pub fn send_raw(&self, bytes: &[u8]) {
+        io::Write::write_all(&mut *self.writer.lock().unwrap(), bytes).expect("writing raw");
+    }
+
     pub fn control(&self, channel: u32, msg: &Control) {
         self.send(&Frame::control(channel, msg));
     }
