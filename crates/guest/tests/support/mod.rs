@@ -47,6 +47,20 @@ pub fn assets() -> Assets {
             file.display()
         );
     }
+    // Testing an old agent would prove nothing about the current sources.
+    let built = fs::metadata(&assets.initramfs)
+        .and_then(|m| m.modified())
+        .unwrap();
+    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for entry in fs::read_dir(&sources).unwrap().flatten() {
+        let changed = entry.metadata().and_then(|m| m.modified()).unwrap();
+        assert!(
+            changed <= built,
+            "{} is older than {}: run `scripts/build-assets.sh` again",
+            assets.initramfs.display(),
+            entry.path().display()
+        );
+    }
     assets
 }
 
