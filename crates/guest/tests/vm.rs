@@ -54,14 +54,26 @@ fn exec_sessions_in_a_booted_box() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.qcow2");
     support::qcow2(&disk, Some(&support::base_image()), "1G");
-    let mut vm = Vm::launch(
-        dir.path(),
-        &[Disk {
+    // A volume that holds data but no filesystem: the agent must refuse to format it.
+    let junk = dir.path().join("junk.qcow2");
+    support::qcow2(&junk, None, "16M");
+    let written = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0xab 4096 4096"])
+        .arg(&junk)
+        .output()
+        .unwrap();
+    assert!(written.status.success(), "{written:?}");
+    let disks = [
+        Disk {
             path: disk,
             serial: "root".into(),
-        }],
-        "",
-    );
+        },
+        Disk {
+            path: junk,
+            serial: "junk".into(),
+        },
+    ];
+    let mut vm = Vm::launch(dir.path(), &disks, "");
     let agent = vm.connect();
 
     // A failed setup names what is missing and leaves the agent able to try again.
@@ -70,6 +82,24 @@ fn exec_sessions_in_a_booted_box() {
     match agent.setup(wrong) {
         Control::Error { message } => assert!(message.contains("nosuchdisk"), "{message}"),
         other => panic!("setup with a missing root disk answered {other:?}"),
+    }
+    let mut wrong = setup("box-a", true);
+    wrong.mounts = vec![MountSpec {
+        source: MountSource::Block {
+            serial: "junk".into(),
+            fstype: "ext4".into(),
+            format_if_empty: true,
+        },
+        target: "/junk".into(),
+        readonly: false,
+        file: None,
+    }];
+    match agent.setup(wrong) {
+        Control::Error { message } => assert!(
+            message.contains("\"junk\"") && message.contains("not formatting"),
+            "{message}"
+        ),
+        other => panic!("setup with a volume full of data answered {other:?}"),
     }
     ready(agent.setup(setup("box-a", true)));
     eprintln!("launch to Ready: {:?}", vm.started.elapsed());
