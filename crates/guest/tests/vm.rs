@@ -76,6 +76,10 @@ fn exec_sessions_in_a_booted_box() {
     let mut vm = Vm::launch(dir.path(), &disks, "");
     let agent = vm.connect();
 
+    let early = agent.run(&["true"]);
+    let message = early.error.expect("exec before Setup is an Error");
+    assert!(message.contains("not set up"), "{message}");
+
     // A failed setup names what is missing and leaves the agent able to try again.
     let mut wrong = setup("box-a", true);
     wrong.root.serial = "nosuchdisk".into();
@@ -103,6 +107,10 @@ fn exec_sessions_in_a_booted_box() {
     }
     ready(agent.setup(setup("box-a", true)));
     eprintln!("launch to Ready: {:?}", vm.started.elapsed());
+    match agent.setup(setup("box-a", true)) {
+        Control::Error { message } => assert!(message.contains("already set up"), "{message}"),
+        other => panic!("a second Setup answered {other:?}"),
+    }
 
     basic_exec(&agent);
     streams_and_stdin(&agent);
