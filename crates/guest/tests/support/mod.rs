@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use boxlite_protocol::{
     read_frame, write_frame, BlockDevice, Control, ExecRequest, Frame, GuestSetup, Tag,
 };
+use sha2::{Digest, Sha256};
 
 /// The repository's root.
 pub fn repo_root() -> PathBuf {
@@ -89,32 +90,47 @@ pub fn pattern() -> Vec<u8> {
         .collect()
 }
 
-/// A raw ext4 image (64 MiB) of the busybox rootfs, built once per test process.
+/// A raw ext4 image (64 MiB) of the busybox rootfs plus /pattern, shared by every test and
+/// kept in cargo's test scratch directory under a name derived from its inputs, so that it is
+/// built once and rebuilt when the rootfs script or the host's busybox changes.
 pub fn base_image() -> PathBuf {
     static BASE: OnceLock<PathBuf> = OnceLock::new();
     BASE.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("boxlite-guest-base")
-            .tempdir()
-            .expect("temp dir")
-            .keep();
-        let busybox = fs::metadata("/bin/busybox").map(|m| m.len()).unwrap_or(0);
+        let busybox = fs::read("/bin/busybox").unwrap_or_default();
         assert!(
-            busybox > 0,
+            !busybox.is_empty(),
             "/bin/busybox on this host is missing or empty (something truncated it?): \
              apt-get install --reinstall busybox-static"
         );
-        let tree = dir.join("tree");
-        run(Command::new("bash")
-            .arg(repo_root().join("scripts/make-busybox-rootfs.sh"))
-            .arg(&tree));
+        let script = repo_root().join("scripts/make-busybox-rootfs.sh");
+        let mut key = Sha256::new();
+        key.update(fs::read(&script).expect("scripts/make-busybox-rootfs.sh"));
+        key.update(&busybox);
+        key.update(pattern());
+        let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let raw = scratch.join(format!(
+            "guest-base-{}.raw",
+            &hex::encode(key.finalize())[..16]
+        ));
+        if raw.is_file() {
+            return raw;
+        }
+
+        let work = tempfile::Builder::new()
+            .prefix("guest-base")
+            .tempdir_in(&scratch)
+            .expect("temp dir");
+        let tree = work.path().join("tree");
+        run(Command::new("bash").arg(&script).arg(&tree));
         fs::write(tree.join("pattern"), pattern()).unwrap();
-        let raw = dir.join("base.raw");
+        let staged = work.path().join("base.raw");
         run(Command::new("mke2fs")
             .args(["-q", "-F", "-t", "ext4", "-d"])
             .arg(&tree)
-            .arg(&raw)
+            .arg(&staged)
             .arg("64M"));
+        // Another test process may have won the race; either copy is the same image.
+        fs::rename(&staged, &raw).expect("moving the base image into place");
         raw
     })
     .clone()
