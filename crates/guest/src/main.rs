@@ -21,6 +21,7 @@ mod session;
 mod setup;
 mod shutdown;
 mod spawn;
+mod streams;
 mod user;
 
 use std::path::Path;
