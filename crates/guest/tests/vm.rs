@@ -1,6 +1,7 @@
 //! The guest agent in real QEMU guests (TCG): boot, Box assembly, exec sessions, shutdown and
 //! persistence. Needs `scripts/build-assets.sh` to have run, plus qemu-system-x86_64, qemu-img,
-//! mke2fs and /bin/busybox on the host. Boots are few and assertions grouped per boot.
+//! qemu-io, virtiofsd, mke2fs and /bin/busybox on the host. Four boots in all (probe, the exec
+//! Box, two boots of the disks Box), with the assertions grouped per boot.
 
 mod support;
 
