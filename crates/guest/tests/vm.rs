@@ -563,7 +563,18 @@ fn disks_survive_shutdown_and_reboot() {
     };
     let out = agent.exec(bare).wait(MINUTE);
     exited(&out, 0);
+
+    // Shutdown while a session is streaming output: the session ends by SIGTERM, the VM powers off.
+    let ticker = agent.exec(request(&[
+        "sh",
+        "-c",
+        "while true; do echo tick; sleep 0.05; done",
+    ]));
+    ticker.read_until("tick\ntick\n", MINUTE);
     agent.control(0, &Control::Shutdown);
+    let out = ticker.wait(MINUTE);
+    assert_eq!((out.code, out.signal), (None, Some(15)), "{out:?}");
     assert!(vm.wait_exit(MINUTE).success());
     support::assert_qcow2_clean(&disk);
+    support::assert_qcow2_clean(&volume);
 }
