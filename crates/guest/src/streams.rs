@@ -203,3 +203,66 @@ pub fn feed_input(fd: Arc<OwnedFd>, input: Receiver<Input>, tty: bool) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Seek};
+    use std::thread;
+
+    use boxlite_protocol::read_frame;
+
+    use super::*;
+
+    /// Runs a pump over data written to a pipe, into a sink backed by a temporary file; checks
+    /// that the frames carry exactly that data and returns how long the pump went on after the
+    /// process was reported gone.
+    fn pump_frames(keep_writer_open: bool) -> Duration {
+        let (out_r, out_w) = pipe().unwrap();
+        let (notice_r, notice_w) = pipe().unwrap();
+        let sink_file = tempfile::tempfile().unwrap();
+        let sink = Arc::new(FrameSink::new(sink_file.try_clone().unwrap()));
+        let data: Vec<u8> = (0..600_000u32).map(|i| (i % 253) as u8).collect();
+
+        let pump = {
+            let sink = Arc::clone(&sink);
+            thread::spawn(move || pump_output(&out_r, 9, Tag::Stderr, &sink, &notice_r))
+        };
+        let mut writer = File::from(out_w);
+        writer.write_all(&data).unwrap();
+        let held = keep_writer_open.then_some(writer);
+        let exited = Instant::now();
+        drop(notice_w);
+        pump.join().unwrap();
+        let took = exited.elapsed();
+        drop(held);
+
+        let mut file = sink_file;
+        file.rewind().unwrap();
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).unwrap();
+        let mut reader = &bytes[..];
+        let mut got = Vec::new();
+        while let Some(frame) = read_frame(&mut reader).unwrap() {
+            assert_eq!((frame.channel, frame.tag), (9, Tag::Stderr));
+            assert!(frame.body.len() <= MAX_BODY);
+            got.extend_from_slice(&frame.body);
+        }
+        assert_eq!(got, data, "every byte arrives, in order");
+        took
+    }
+
+    #[test]
+    fn output_is_forwarded_whole_until_end_of_file() {
+        let took = pump_frames(false);
+        assert!(
+            took < LINGER,
+            "end of file ends the pump at once ({took:?})"
+        );
+    }
+
+    #[test]
+    fn a_pipe_held_open_after_exit_ends_the_pump_after_the_linger() {
+        let took = pump_frames(true);
+        assert!(took >= LINGER && took < LINGER * 8, "{took:?}");
+    }
+}
