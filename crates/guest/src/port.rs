@@ -177,3 +177,29 @@ impl Write for PortWriter<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Seek;
+
+    use boxlite_protocol::read_frame;
+
+    use super::*;
+
+    #[test]
+    fn stream_data_is_split_into_frames_of_at_most_max_body() {
+        let file = tempfile::tempfile().unwrap();
+        let sink = FrameSink::new(file.try_clone().unwrap());
+        let data: Vec<u8> = (0..(2 * MAX_BODY + 10)).map(|i| i as u8).collect();
+        sink.data(4, Tag::Stdout, &data).unwrap();
+        sink.control(4, &Control::Started { pid: 7 }).unwrap();
+
+        let mut file = file;
+        file.rewind().unwrap();
+        let sizes: Vec<usize> = std::iter::from_fn(|| read_frame(&mut file).unwrap())
+            .map(|f| f.body.len())
+            .collect();
+        assert_eq!(sizes[..3], [MAX_BODY, MAX_BODY, 10]);
+        assert_eq!(sizes.len(), 4, "the control frame follows the data");
+    }
+}

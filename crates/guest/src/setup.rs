@@ -246,3 +246,48 @@ fn write_file(file: &FileSpec) -> io::Result<()> {
         let _ = fs::remove_file(&staging);
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn files_replace_a_symlink_instead_of_writing_through_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        fs::write(&outside, "keep me\n").unwrap();
+        let path = dir.path().join("etc/resolv.conf");
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&outside, &path).unwrap();
+
+        let spec = FileSpec {
+            path: path.to_string_lossy().into_owned(),
+            contents: "nameserver 192.168.127.1\n".into(),
+            mode: 0o600,
+        };
+        write_file(&spec).unwrap();
+
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "keep me\n");
+        let meta = fs::symlink_metadata(&path).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(meta.mode() & 0o7777, 0o600);
+        assert_eq!(fs::read_to_string(&path).unwrap(), spec.contents);
+        assert_eq!(
+            fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1,
+            "no staging left"
+        );
+    }
+
+    #[test]
+    fn relative_file_paths_are_refused() {
+        let spec = FileSpec {
+            path: "etc/hosts".into(),
+            contents: String::new(),
+            mode: 0o644,
+        };
+        assert!(write_file(&spec).is_err());
+    }
+}
