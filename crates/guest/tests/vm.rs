@@ -503,6 +503,10 @@ fn disks_survive_shutdown_and_reboot() {
     );
     let console = vm.console_text();
     assert!(console.contains("power off"), "console:\n{console}");
+    assert!(
+        console.contains("killing them"),
+        "a process ignoring SIGTERM was killed: {console}"
+    );
     support::assert_qcow2_clean(&disk);
     support::assert_qcow2_clean(&volume);
     drop(vm);
