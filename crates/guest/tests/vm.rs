@@ -523,6 +523,13 @@ fn disks_survive_shutdown_and_reboot() {
             readonly: true,
             file: Some("config.txt".into()),
         },
+        // The same disk again, read-only, at a second place.
+        MountSpec {
+            source: data_mount.source.clone(),
+            target: "/data-ro".into(),
+            readonly: true,
+            file: None,
+        },
     ];
     ready(agent.setup(second));
     let dmesg = agent.run(&["dmesg"]).stdout_text();
@@ -543,6 +550,13 @@ fn disks_survive_shutdown_and_reboot() {
         String::from_utf8_lossy(&out.stderr).contains("Read-only"),
         "{out:?}"
     );
+    let out = agent.run(&[
+        "sh",
+        "-c",
+        "cat /data-ro/config.txt; touch /data-ro/x || echo refused",
+    ]);
+    assert_eq!(out.stdout_text(), "cfg\nrefused\n", "{out:?}");
+    exited(&agent.run(&["touch", "/data/still-writable"]), 0);
 
     // The host side may disconnect, even in the middle of a frame, and come back; the agent drops
     // the partial frame and keeps serving.
