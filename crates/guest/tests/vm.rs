@@ -396,6 +396,28 @@ fn box_environment(agent: &Agent) {
         "guest clock {guest_time}, host clock {host_time}"
     );
 
+    // The agent lives as long as the Box: sessions must not leak its descriptors.
+    let count_fds = || {
+        let out = agent.run(&["sh", "-c", "ls /proc/1/fd | wc -l"]);
+        out.stdout_text().trim().parse::<usize>().unwrap()
+    };
+    let before = count_fds();
+    for tty in [false, true, false, true, false, true] {
+        let mut req = request(&["cat"]);
+        req.tty = tty;
+        req.stdin = true;
+        let session = agent.exec(req);
+        session.stdin(b"x\n");
+        session.control(&Control::StdinEof);
+        exited(&session.wait(MINUTE), 0);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = count_fds();
+    assert_eq!(
+        before, after,
+        "descriptors of PID 1 before and after six sessions"
+    );
+
     let out = agent.run(&["cat", "/proc/1/cmdline"]);
     assert_eq!(out.stdout, b"/init\0", "the agent is PID 1");
 }
