@@ -396,12 +396,16 @@ fn box_environment(agent: &Agent) {
         "guest clock {guest_time}, host clock {host_time}"
     );
 
-    // The agent lives as long as the Box: sessions must not leak its descriptors.
-    let count_fds = || {
-        let out = agent.run(&["sh", "-c", "ls /proc/1/fd | wc -l"]);
-        out.stdout_text().trim().parse::<usize>().unwrap()
+    // The agent lives as long as the Box: sessions must not leak its descriptors or threads.
+    let count_handles = || {
+        let out = agent.run(&[
+            "sh",
+            "-c",
+            "echo $(ls /proc/1/fd | wc -l) $(ls /proc/1/task | wc -l)",
+        ]);
+        out.stdout_text()
     };
-    let before = count_fds();
+    let before = count_handles();
     for tty in [false, true, false, true, false, true] {
         let mut req = request(&["cat"]);
         req.tty = tty;
@@ -412,7 +416,7 @@ fn box_environment(agent: &Agent) {
         exited(&session.wait(MINUTE), 0);
     }
     std::thread::sleep(Duration::from_millis(500));
-    let after = count_fds();
+    let after = count_handles();
     assert_eq!(
         before, after,
         "descriptors of PID 1 before and after six sessions"
