@@ -486,7 +486,7 @@ impl Agent {
     /// Sends Setup and returns the reply (Ready or Error).
     pub fn setup(&self, setup: GuestSetup) -> Control {
         self.control(0, &Control::Setup(Box::new(setup)));
-        self.recv_control(0, Duration::from_secs(60))
+        self.recv_control(0, Duration::from_secs(180))
     }
 
     /// Starts a session on a fresh channel.
