@@ -4,7 +4,9 @@
 //! ```text
 //! net_probe dhcp MAC [TIMEOUT]        the agent's DHCP client; prints the lease
 //! net_probe udp-echo IP:PORT N        N datagrams, each echoed back byte-exact
-//! net_probe tcp-send IP:PORT BYTES    sends BYTES, half-closes, prints the peer's reply line
+//! net_probe tcp-send IP:PORT BYTES [line]
+//!                                     sends BYTES, half-closes, prints the peer's reply (read to
+//!                                     EOF, or only its first line with `line`)
 //! net_probe flood-tcp IP:PORT N       N short connections (connect, one line, close)
 //! net_probe flood-udp IP:PORT N       N one-datagram flows from N fresh sockets
 //! ```
@@ -30,7 +32,7 @@ fn main() {
             dhcp::configure(&setup).map(|ip| format!("lease {}", ip.unwrap_or_default()))
         }
         "udp-echo" => udp_echo(addr(), n(2)),
-        "tcp-send" => tcp_send(addr(), n(2)),
+        "tcp-send" => tcp_send(addr(), n(2), arg(3) == "line"),
         "flood-tcp" => flood_tcp(addr(), n(2)),
         "flood-udp" => flood_udp(addr(), n(2)),
         other => Err(format!("unknown command {other:?}")),
@@ -60,7 +62,7 @@ fn udp_echo(to: SocketAddr, n: usize) -> Result<String, String> {
     Ok(format!("{n} datagrams echoed"))
 }
 
-fn tcp_send(to: SocketAddr, bytes: usize) -> Result<String, String> {
+fn tcp_send(to: SocketAddr, bytes: usize, line_only: bool) -> Result<String, String> {
     let mut s = TcpStream::connect(to).map_err(|e| e.to_string())?;
     let chunk: Vec<u8> = (0..65536).map(|j| (j % 251) as u8).collect();
     let mut left = bytes;
@@ -70,9 +72,16 @@ fn tcp_send(to: SocketAddr, bytes: usize) -> Result<String, String> {
         left -= k;
     }
     s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).map_err(|e| e.to_string())?;
-    Ok(reply.trim().to_string())
+    let mut reply = Vec::new();
+    if line_only {
+        let mut byte = [0u8; 1];
+        while s.read(&mut byte).map_err(|e| e.to_string())? == 1 && byte[0] != b'\n' {
+            reply.push(byte[0]);
+        }
+    } else {
+        s.read_to_end(&mut reply).map_err(|e| e.to_string())?;
+    }
+    Ok(String::from_utf8_lossy(&reply).trim().to_string())
 }
 
 fn flood_tcp(to: SocketAddr, n: usize) -> Result<String, String> {
