@@ -8,7 +8,7 @@ mod net_common;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
-use boxlite::net::{NetworkHandle, NetworkKind, NetworkOptions, Topology};
+use boxlite::net::{NetworkHandle, NetworkKind, NetworkOptions, PortForward, Topology};
 use dhcproto::v4::{Message as Dhcp, MessageType};
 use dhcproto::{Decodable, Decoder};
 use hickory_proto::op::Message as Dns;
@@ -269,4 +269,94 @@ fn full_dhcp_exchange_and_udp_nat_round_trip() {
     let m = net.metrics();
     assert_eq!((m.tx_packets, m.rx_packets), (5, 5));
     assert_eq!(m.tx_bytes, 5 * (14 + 20 + 8 + 100));
+}
+
+#[test]
+fn udp_port_forward_round_trip_and_removal() {
+    let (_d, net, mut guest) = start(|o| o.port_forwards = vec![PortForward::udp(0, 5353)]);
+    let f = net.port_forwards()[0];
+    assert_ne!(f.host_port, 0, "the picked port is reported");
+    // Any frame teaches the stack the guest's MAC (a real guest starts with DHCP).
+    guest.send_udp(9, SocketAddrV4::new(Topology::GATEWAY, 9), b"hi");
+    std::thread::sleep(Duration::from_millis(200));
+
+    let host = UdpSocket::bind("127.0.0.1:0").unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    for round in 0..3u8 {
+        host.send_to(&[b'q', round], f.host_addr()).unwrap();
+        let (src, data) = guest
+            .recv_udp(5353, Duration::from_secs(2))
+            .expect("forwarded");
+        assert_eq!(data, vec![b'q', round]);
+        assert_eq!(
+            *src.ip(),
+            Topology::GATEWAY,
+            "forwarded datagrams come from the gateway"
+        );
+        guest.send_udp(5353, src, &[b'r', round]);
+        let mut buf = [0u8; 16];
+        let (n, from) = host.recv_from(&mut buf).expect("the guest's answer");
+        assert_eq!(&buf[..n], &[b'r', round]);
+        assert_eq!(from, f.host_addr(), "answers come from the forwarded port");
+    }
+    net.remove_port_forward(&f).unwrap();
+    assert!(net.port_forwards().is_empty());
+    let _ = host.send_to(b"late", f.host_addr());
+    assert!(
+        guest.recv_udp(5353, SHORT).is_none(),
+        "a removed forward forwards nothing"
+    );
+    assert!(
+        net.remove_port_forward(&f).is_err(),
+        "removing twice is an error"
+    );
+}
+
+#[test]
+fn icmp_echo_goes_out_through_ping_sockets() {
+    // Ping sockets need net.ipv4.ping_group_range, a per-namespace setting: run the stack in a
+    // private network namespace of this thread (and of the threads and commands it starts).
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare (needs root)");
+        let st = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(
+                "ip link set lo up && ip addr add 10.99.0.1/32 dev lo && \
+                 echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range",
+            )
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let (_d, _net, mut guest) = start(|_| {});
+        let dst = Ipv4Addr::new(10, 99, 0, 1);
+        for seq in 1..=3u16 {
+            let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34];
+            icmp.extend_from_slice(&seq.to_be_bytes());
+            icmp.extend_from_slice(b"boxlite ping payload");
+            let frame = boxlite::net::usernet::packet::icmp_frame(
+                net_common::GUEST_MAC,
+                Topology::GATEWAY_MAC,
+                Topology::GUEST,
+                dst,
+                &icmp,
+            );
+            guest.send(&frame);
+            let reply = loop {
+                let f = guest.recv(Duration::from_secs(2)).expect("an echo reply");
+                let eth = EthernetFrame::new_checked(&f[..]).unwrap();
+                let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+                if ip.next_header() == smoltcp::wire::IpProtocol::Icmp {
+                    assert_eq!(ip.src_addr(), dst);
+                    break ip.payload().to_vec();
+                }
+            };
+            let p = smoltcp::wire::Icmpv4Packet::new_checked(&reply[..]).unwrap();
+            assert!(p.verify_checksum());
+            assert_eq!(p.msg_type(), smoltcp::wire::Icmpv4Message::EchoReply);
+            assert_eq!((p.echo_ident(), p.echo_seq_no()), (0x1234, seq));
+            assert_eq!(p.data(), b"boxlite ping payload");
+        }
+    })
+    .join()
+    .unwrap();
 }

@@ -30,7 +30,8 @@ use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress,
-    IpAddress, IpCidr, IpListenEndpoint, IpProtocol, Ipv4Packet, TcpPacket, UdpPacket,
+    Icmpv4Message, Icmpv4Packet, IpAddress, IpCidr, IpListenEndpoint, IpProtocol, Ipv4Packet,
+    TcpPacket, UdpPacket,
 };
 use tracing::{debug, info, warn};
 
@@ -40,7 +41,7 @@ use super::dns::{self, Transport};
 use super::packet::{self, SegmentId};
 use super::policy::{self, Target};
 use super::tcp::{Peer, Pumped, TcpConn};
-use super::udp::{self, UdpFlow, UdpForward};
+use super::udp::{self, IcmpFlow, UdpFlow, UdpForward};
 use super::{Command, Counters, StackConfig};
 use crate::net::framing::FrameDecoder;
 use crate::net::{NetworkError, PortForward, Protocol, Result, Topology};
@@ -99,6 +100,9 @@ pub(crate) struct Stack {
     tcp_by_tuple: HashMap<(SocketAddrV4, SocketAddrV4), Token>,
     flows: HashMap<Token, UdpFlow>,
     flow_by_tuple: HashMap<(SocketAddrV4, SocketAddrV4), Token>,
+    pings: HashMap<Token, IcmpFlow>,
+    ping_by_key: HashMap<(Ipv4Addr, Ipv4Addr, u16), Token>,
+    ping_denied: bool,
     tcp_forwards: HashMap<Token, (PortForward, TcpListener)>,
     udp_forwards: HashMap<Token, UdpForward>,
     /// Gateway port → (UDP forward, host peer) for guest replies to forwarded datagrams.
@@ -190,6 +194,9 @@ impl Stack {
             tcp_by_tuple: HashMap::new(),
             flows: HashMap::new(),
             flow_by_tuple: HashMap::new(),
+            pings: HashMap::new(),
+            ping_by_key: HashMap::new(),
+            ping_denied: false,
             tcp_forwards: HashMap::new(),
             udp_forwards: HashMap::new(),
             udp_forward_ports: HashMap::new(),
@@ -285,6 +292,8 @@ impl Stack {
                     }
                 } else if self.flows.contains_key(&t) {
                     self.read_flow(t);
+                } else if self.pings.contains_key(&t) {
+                    self.read_ping(t);
                 } else if self.tcp_forwards.contains_key(&t) {
                     self.accept_forward(t);
                 } else if self.udp_forwards.contains_key(&t) {
@@ -503,7 +512,7 @@ impl Stack {
                     self.device.rx.push_back(frame.to_vec());
                     return true;
                 }
-                false
+                policy::valid_guest_source(src) && self.on_guest_ping(src, dst, ip.payload())
             }
             _ => false,
         }
@@ -822,6 +831,96 @@ impl Stack {
         }
     }
 
+    /// Sends a guest echo request out through a ping socket; false if it cannot go.
+    fn on_guest_ping(&mut self, src: Ipv4Addr, dst: Ipv4Addr, icmp: &[u8]) -> bool {
+        let Ok(echo) = Icmpv4Packet::new_checked(icmp) else {
+            return false;
+        };
+        if echo.msg_type() != Icmpv4Message::EchoRequest || !echo.verify_checksum() {
+            return false;
+        }
+        if policy::target(SocketAddrV4::new(dst, 1), false) == Target::Refuse {
+            return false;
+        }
+        let key = (src, dst, echo.echo_ident());
+        let token = match self.ping_by_key.get(&key) {
+            Some(t) => *t,
+            None => {
+                if self.ping_denied || self.pings.len() >= udp::MAX_FLOWS {
+                    return false;
+                }
+                let mut socket = match udp::ping_socket() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // A known gap: without ping sockets (net.ipv4.ping_group_range) the guest
+                        // cannot ping beyond the gateway; say so once.
+                        warn!(error = %e, "no unprivileged ping sockets: guest ICMP echo is dropped");
+                        self.ping_denied = true;
+                        return false;
+                    }
+                };
+                let token = self.token();
+                if self
+                    .poll
+                    .registry()
+                    .register(&mut socket, token, Interest::READABLE)
+                    .is_err()
+                {
+                    return false;
+                }
+                self.pings.insert(
+                    token,
+                    IcmpFlow {
+                        guest: src,
+                        remote: dst,
+                        guest_id: echo.echo_ident(),
+                        socket,
+                        last: Instant::now(),
+                    },
+                );
+                self.ping_by_key.insert(key, token);
+                token
+            }
+        };
+        let Some(flow) = self.pings.get_mut(&token) else {
+            return false;
+        };
+        flow.last = Instant::now();
+        let _ = flow
+            .socket
+            .send_to(icmp, SocketAddr::V4(SocketAddrV4::new(dst, 0)));
+        true
+    }
+
+    fn read_ping(&mut self, token: Token) {
+        let mut buf = [0u8; 65536];
+        let mut replies = Vec::new();
+        let Some(flow) = self.pings.get_mut(&token) else {
+            return;
+        };
+        while let Ok((n, _)) = flow.socket.recv_from(&mut buf) {
+            let mut reply = buf[..n].to_vec();
+            if let Ok(mut p) = Icmpv4Packet::new_checked(&mut reply[..]) {
+                if p.msg_type() == Icmpv4Message::EchoReply {
+                    p.set_echo_ident(flow.guest_id);
+                    replies.push(reply);
+                }
+            }
+            if replies.len() >= 64 {
+                break;
+            }
+        }
+        flow.last = Instant::now();
+        let (from, to) = (flow.remote, flow.guest);
+        let Some(mac) = self.guest_mac else {
+            return;
+        };
+        for r in replies {
+            let frame = packet::icmp_frame(Topology::GATEWAY_MAC, mac, from, to, &r);
+            self.device.send_frame(&frame);
+        }
+    }
+
     fn send_udp_to_guest(&mut self, from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) {
         let Some(mac) = self.guest_mac else {
             return;
@@ -1097,6 +1196,18 @@ impl Stack {
             .collect();
         for t in expired {
             self.remove_flow(t);
+        }
+        let idle_pings: Vec<Token> = self
+            .pings
+            .iter()
+            .filter(|(_, f)| f.last.elapsed() >= idle)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in idle_pings {
+            if let Some(mut f) = self.pings.remove(&t) {
+                self.ping_by_key.remove(&(f.guest, f.remote, f.guest_id));
+                let _ = self.poll.registry().deregister(&mut f.socket);
+            }
         }
         let mut gone = Vec::new();
         for (token, fwd) in self.udp_forwards.iter_mut() {
