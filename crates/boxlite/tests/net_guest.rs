@@ -50,7 +50,10 @@ fn init_script(peer: &str, s: &Scenario) -> String {
     );
     if s.dns {
         init += "echo \"MARK nslookup-small $(nslookup small.example.test 192.168.127.1 2>&1 | tr '\\n' ' ')\"\n\
-                 echo \"MARK nslookup-host $(nslookup host.boxlite.internal 192.168.127.1 2>&1 | tr '\\n' ' ')\"\n";
+                 echo \"MARK nslookup-host $(nslookup host.boxlite.internal 192.168.127.1 2>&1 | tr '\\n' ' ')\"\n\
+                 echo \"MARK $(net_probe dns-tcp 192.168.127.1:53 many.example.test)\"\n\
+                 echo \"MARK gateway $(net_probe connect 192.168.127.1:18555)\"\n\
+                 echo \"MARK alias $(net_probe connect 192.168.127.254:18555)\"\n";
     }
     init += "httpd -p 80 -h /www\nhttpd -p 81 -h /www\necho \"MARK ready\"\n";
     if s.flood {
@@ -221,6 +224,22 @@ fn usernet_guest_dhcp_dns_nat_forwards_counters_and_flood() {
         host.contains("192.168.127.254"),
         "host.boxlite.internal: {host}"
     );
+
+    let tcp_dns = guest.wait_for("MARK OK dns-tcp", STEP);
+    assert!(
+        tcp_dns.ends_with("answers=60 tc=0 answers=60 tc=0"),
+        "DNS over TCP: all 60 records, two pipelined queries: {tcp_dns}"
+    );
+    for who in ["gateway", "alias"] {
+        let c = guest.wait_for(&format!("MARK {who}"), STEP);
+        let ms: u64 = c
+            .strip_prefix(&format!("MARK {who} OK connect refused in "))
+            .and_then(|r| r.strip_suffix(" ms"))
+            .unwrap_or_else(|| panic!("{who}:18555 must be refused (case 27): {c}"))
+            .parse()
+            .unwrap();
+        assert!(ms < 2000, "refused promptly: {c}");
+    }
 
     check_http(http_port, &blob);
     check_runtime_forward(

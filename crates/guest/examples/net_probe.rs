@@ -9,6 +9,8 @@
 //!                                     EOF, or only its first line with `line`)
 //! net_probe flood-tcp IP:PORT N       N short connections (connect, one line, close)
 //! net_probe flood-udp IP:PORT N       N one-datagram flows from N fresh sockets
+//! net_probe connect IP:PORT           one TCP connect: `connected` or `refused in N ms`
+//! net_probe dns-tcp IP:PORT NAME      an A query over TCP (RFC 7766): answer count and TC bit
 //! ```
 
 #[path = "../src/dhcp.rs"]
@@ -35,6 +37,8 @@ fn main() {
         "tcp-send" => tcp_send(addr(), n(2), arg(3) == "line"),
         "flood-tcp" => flood_tcp(addr(), n(2)),
         "flood-udp" => flood_udp(addr(), n(2)),
+        "connect" => connect(addr()),
+        "dns-tcp" => dns_tcp(addr(), &arg(2)),
         other => Err(format!("unknown command {other:?}")),
     };
     match result {
@@ -112,4 +116,45 @@ fn flood_udp(to: SocketAddr, n: usize) -> Result<String, String> {
         }
     }
     Ok(format!("{ok}/{n} flows"))
+}
+
+fn connect(to: SocketAddr) -> Result<String, String> {
+    let t = std::time::Instant::now();
+    match TcpStream::connect_timeout(&to, Duration::from_secs(30)) {
+        Ok(_) => Ok("connected".into()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Ok(format!("refused in {} ms", t.elapsed().as_millis()))
+        }
+        Err(e) => Err(format!("{e} after {} ms", t.elapsed().as_millis())),
+    }
+}
+
+fn dns_tcp(to: SocketAddr, name: &str) -> Result<String, String> {
+    let mut q = vec![0xb0, 0x0c, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let mut s = TcpStream::connect(to).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    // Two queries pipelined on one connection; both answers must come back.
+    framed.extend_from_within(..);
+    s.write_all(&framed).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).map_err(|e| e.to_string())?;
+        let mut r = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut r).map_err(|e| e.to_string())?;
+        if r.len() < 12 || r[..2] != q[..2] {
+            return Err("reply with a foreign ID".into());
+        }
+        let answers = u16::from_be_bytes([r[6], r[7]]);
+        let tc = r[2] & 0x02 != 0;
+        out.push(format!("answers={answers} tc={}", u8::from(tc)));
+    }
+    Ok(out.join(" "))
 }
