@@ -77,7 +77,7 @@ fn boot_and_check_common(
     blob: &[u8],
 ) -> Guest {
     let init = init_script(&ns.peer, scenario);
-    let initrd = vm::build_initramfs(dir, &init, &[("blob", blob.to_vec())]);
+    let initrd = vm::build_initramfs(dir, &init, &[("blob", blob.to_vec())], &[]);
     let mut guest = Guest::boot(dir, &initrd, &config.qemu_args());
 
     let addr = guest.wait_for("MARK addr", BOOT);

@@ -9,6 +9,7 @@
 //!                                     EOF, or only its first line with `line`)
 //! net_probe flood-tcp IP:PORT N       N short connections (connect, one line, close)
 //! net_probe flood-udp IP:PORT N       N one-datagram flows from N fresh sockets
+//! net_probe udp-rtt IP:PORT N         N round trips of 64 bytes: p50 and p99 in microseconds
 //! net_probe connect IP:PORT           one TCP connect: `connected` or `refused in N ms`
 //! net_probe dns-tcp IP:PORT NAME      an A query over TCP (RFC 7766): answer count and TC bit
 //! ```
@@ -38,6 +39,7 @@ fn main() {
         "flood-tcp" => flood_tcp(addr(), n(2)),
         "flood-udp" => flood_udp(addr(), n(2)),
         "connect" => connect(addr()),
+        "udp-rtt" => udp_rtt(addr(), n(2)),
         "dns-tcp" => dns_tcp(addr(), &arg(2)),
         other => Err(format!("unknown command {other:?}")),
     };
@@ -157,4 +159,25 @@ fn dns_tcp(to: SocketAddr, name: &str) -> Result<String, String> {
         out.push(format!("answers={answers} tc={}", u8::from(tc)));
     }
     Ok(out.join(" "))
+}
+
+fn udp_rtt(to: SocketAddr, n: usize) -> Result<String, String> {
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    s.connect(to).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut rtts = Vec::with_capacity(n);
+    let mut buf = [0u8; 128];
+    for i in 0..n {
+        let msg = [i as u8; 64];
+        let t = std::time::Instant::now();
+        s.send(&msg).map_err(|e| e.to_string())?;
+        let got = s.recv(&mut buf).map_err(|e| format!("reply {i}: {e}"))?;
+        if buf[..got] != msg[..] {
+            return Err(format!("reply {i} differs"));
+        }
+        rtts.push(t.elapsed().as_micros());
+    }
+    rtts.sort_unstable();
+    let pct = |p: usize| rtts[(rtts.len() * p / 100).min(rtts.len() - 1)];
+    Ok(format!("p50_us={} p99_us={}", pct(50), pct(99)))
 }
