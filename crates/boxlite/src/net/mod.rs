@@ -52,6 +52,9 @@ pub enum NetworkError {
     /// a string is not a valid port forward
     #[error("invalid port forward {spec:?}: {reason}")]
     BadPortForward { spec: String, reason: String },
+    /// a `--dns` value is not an address
+    #[error("invalid DNS server {0:?} (expected IP or IP:PORT)")]
+    BadDnsServer(String),
     /// a string is not a valid network kind
     #[error("unknown network backend {0:?} (expected usernet, libslirp, passt or none)")]
     BadKind(String),
@@ -498,10 +501,8 @@ pub fn parse_dns_server(s: &str) -> Result<SocketAddr> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, 53));
     }
-    s.parse().map_err(|_| NetworkError::BadPortForward {
-        spec: s.to_string(),
-        reason: "not a DNS server address (IP or IP:PORT)".into(),
-    })
+    s.parse()
+        .map_err(|_| NetworkError::BadDnsServer(s.to_string()))
 }
 
 #[cfg(test)]

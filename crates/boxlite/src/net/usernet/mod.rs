@@ -7,6 +7,11 @@
 //! the guest. Policy ([`policy`]) keeps the host's loopback out of reach unless the Box was
 //! created with `allow_host`.
 //!
+//! IPv4 only: IPv6 frames from the guest are dropped (the guest keeps its link-local address
+//! and nothing routes beyond it). UDP datagrams larger than one 1500-byte frame toward the guest
+//! are dropped (no IP fragmentation), and ICMP beyond the gateway needs unprivileged ping sockets
+//! (`net.ipv4.ping_group_range`); both are marked where they live.
+//!
 //! The shim drives the thread through [`Usernet`]: commands (port forwards, stop) go over a
 //! channel with a mio waker; counters are shared atomics.
 

@@ -35,7 +35,7 @@ use smoltcp::wire::{
 };
 use tracing::{debug, info, warn};
 
-use super::device::QueueDevice;
+use super::device::{self, QueueDevice};
 use super::dhcp::{Destination, DhcpConfig, DhcpServer};
 use super::dns::{self, Transport};
 use super::packet::{self, SegmentId};
@@ -264,6 +264,10 @@ impl Stack {
         if !self.device.rx.is_empty() || (self.qemu_readable && self.device.rx.len() < MAX_RX_QUEUE)
         {
             return Duration::ZERO;
+        }
+        if self.device.out.len() > device::BACKPRESSURE {
+            // smoltcp wants to send but may not: wait for QEMU to take frames (a writable event).
+            return Duration::from_millis(500);
         }
         let now = self.smol_now();
         let smol = self
@@ -669,8 +673,20 @@ impl Stack {
             if let Some(h) = conn.handle {
                 self.sockets.remove(h);
             }
+            let graceful = conn.closed_gracefully();
             if let Peer::Host { stream, .. } = &mut conn.peer {
                 let _ = self.poll.registry().deregister(stream);
+                if !graceful {
+                    // The guest reset (or vanished): reset the host side too, not a FIN.
+                    let _ = nix::sys::socket::setsockopt(
+                        &*stream,
+                        nix::sys::socket::sockopt::Linger,
+                        &libc::linger {
+                            l_onoff: 1,
+                            l_linger: 0,
+                        },
+                    );
+                }
             }
             self.counters
                 .tcp_connections
