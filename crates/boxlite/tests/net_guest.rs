@@ -48,7 +48,7 @@ fn check_refused(guest: &mut Guest, who: &str) {
     let ms: u64 = c
         .strip_prefix(&format!("MARK {who} OK connect refused in "))
         .and_then(|r| r.strip_suffix(" ms"))
-        .unwrap_or_else(|| panic!("{who}:18555 must be refused (case 27): {c}"))
+        .unwrap_or_else(|| panic!("the connect to {who} must be refused: {c}"))
         .parse()
         .unwrap();
     assert!(ms < 2000, "refused promptly: {c}");
@@ -60,7 +60,8 @@ fn init_script(peer: &str, s: &Scenario) -> String {
     init += &format!(
         "echo \"MARK wget $(wget -q -O - http://{peer}:8080/blob | sha256sum)\"\n\
          echo \"MARK $(net_probe tcp-send {peer}:7777 3000000 {line})\"\n\
-         echo \"MARK $(net_probe udp-echo {peer}:7778 20)\"\n"
+         echo \"MARK $(net_probe udp-echo {peer}:7778 20)\"\n\
+         echo \"MARK closed-port $(net_probe connect {peer}:7999)\"\n"
     );
     if s.dns {
         init += "echo \"MARK nslookup-small $(nslookup small.example.test 192.168.127.1 2>&1 | tr '\\n' ' ')\"\n\
@@ -127,6 +128,7 @@ fn boot_and_check_common(
     );
     let udp = guest.wait_for("MARK OK udp-echo", STEP);
     assert!(udp.contains("20 datagrams echoed"), "{udp}");
+    check_refused(&mut guest, "closed-port");
     guest.wait_for("MARK ready", STEP);
     guest
 }

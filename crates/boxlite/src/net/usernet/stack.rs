@@ -112,6 +112,8 @@ pub(crate) struct Stack {
     dns_rx: Receiver<DnsDone>,
     dns_in_flight: usize,
     last_housekeeping: Instant,
+    /// Datagram sockets that stopped reading at the batch limit: read again next round.
+    pending_reads: Vec<Token>,
 }
 
 impl std::fmt::Debug for Stack {
@@ -204,6 +206,7 @@ impl Stack {
             dns_rx,
             dns_in_flight: 0,
             last_housekeeping: Instant::now(),
+            pending_reads: Vec::new(),
         })
     }
 
@@ -231,6 +234,9 @@ impl Stack {
                 }
                 warn!(error = %e, "usernet event loop failed");
                 return;
+            }
+            for token in std::mem::take(&mut self.pending_reads) {
+                self.on_event(token, true, false);
             }
             for ev in events.iter() {
                 self.on_event(
@@ -261,7 +267,9 @@ impl Stack {
     }
 
     fn timeout(&mut self) -> Duration {
-        if !self.device.rx.is_empty() || (self.qemu_readable && self.device.rx.len() < MAX_RX_QUEUE)
+        if !self.device.rx.is_empty()
+            || !self.pending_reads.is_empty()
+            || (self.qemu_readable && self.device.rx.len() < MAX_RX_QUEUE)
         {
             return Duration::ZERO;
         }
@@ -833,6 +841,8 @@ impl Stack {
                 Err(_) => break, // WouldBlock, or an ICMP error reported on the socket
             }
             if datagrams.len() >= 64 {
+                // More may be waiting and mio is edge-triggered: come back next round.
+                self.pending_reads.push(token);
                 break;
             }
         }
@@ -840,10 +850,6 @@ impl Stack {
         let (from, to) = (flow.remote, flow.guest);
         for d in datagrams {
             self.send_udp_to_guest(from, to, &d);
-        }
-        // More may be waiting; mio is edge-triggered, so look again next round.
-        if self.flows.contains_key(&token) {
-            let _ = self.waker.wake();
         }
     }
 
@@ -923,6 +929,7 @@ impl Stack {
                 }
             }
             if replies.len() >= 64 {
+                self.pending_reads.push(token);
                 break;
             }
         }
@@ -1173,7 +1180,7 @@ impl Stack {
                 Err(_) => break,
             }
             if datagrams.len() >= 64 {
-                let _ = self.waker.wake();
+                self.pending_reads.push(token);
                 break;
             }
         }
