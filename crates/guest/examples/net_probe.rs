@@ -10,7 +10,7 @@
 //! net_probe flood-tcp IP:PORT N       N short connections (connect, one line, close)
 //! net_probe flood-udp IP:PORT N       N one-datagram flows from N fresh sockets
 //! net_probe udp-rtt IP:PORT N         N round trips of 64 bytes: p50 and p99 in microseconds
-//! net_probe connect IP:PORT           one TCP connect: `connected` or `refused in N ms`
+//! net_probe connect IP:PORT [SECS]    one TCP connect: `connected` or `refused in N ms`
 //! net_probe dns-tcp IP:PORT NAME      an A query over TCP (RFC 7766): answer count and TC bit
 //! ```
 
@@ -38,7 +38,7 @@ fn main() {
         "tcp-send" => tcp_send(addr(), n(2), arg(3) == "line"),
         "flood-tcp" => flood_tcp(addr(), n(2)),
         "flood-udp" => flood_udp(addr(), n(2)),
-        "connect" => connect(addr()),
+        "connect" => connect(addr(), arg(2).parse().unwrap_or(30)),
         "udp-rtt" => udp_rtt(addr(), n(2)),
         "dns-tcp" => dns_tcp(addr(), &arg(2)),
         other => Err(format!("unknown command {other:?}")),
@@ -120,9 +120,9 @@ fn flood_udp(to: SocketAddr, n: usize) -> Result<String, String> {
     Ok(format!("{ok}/{n} flows"))
 }
 
-fn connect(to: SocketAddr) -> Result<String, String> {
+fn connect(to: SocketAddr, secs: u64) -> Result<String, String> {
     let t = std::time::Instant::now();
-    match TcpStream::connect_timeout(&to, Duration::from_secs(30)) {
+    match TcpStream::connect_timeout(&to, Duration::from_secs(secs)) {
         Ok(_) => Ok("connected".into()),
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             Ok(format!("refused in {} ms", t.elapsed().as_millis()))
