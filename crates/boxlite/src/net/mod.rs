@@ -524,6 +524,47 @@ mod tests {
     }
 
     #[test]
+    fn none_backend_has_no_nic() {
+        let opts = NetworkOptions::new(NetworkKind::None, "/nonexistent");
+        let (net, config) = NetworkHandle::start(opts).unwrap();
+        assert_eq!(config.socket_path, None);
+        assert!(config.qemu_args().is_empty(), "the shim adds no netdev");
+        assert!(net.add_port_forward(PortForward::tcp(0, 80)).is_err());
+        assert_eq!(net.metrics(), NetworkMetrics::default());
+        net.stop().unwrap();
+    }
+
+    #[test]
+    fn socket_paths_must_fit_sun_path() {
+        let deep = "/d".repeat(60);
+        let opts = NetworkOptions::new(NetworkKind::Usernet, deep);
+        assert!(matches!(
+            opts.socket_path(),
+            Err(NetworkError::SocketPathTooLong { .. })
+        ));
+        let c = NetworkConfig {
+            kind: NetworkKind::Usernet,
+            socket_path: Some("/run/b/net.sock".into()),
+            guest_mac: "52:54:00:12:34:56".into(),
+            guest_ip: Topology::GUEST,
+            gateway: Topology::GATEWAY,
+            prefix_len: 24,
+            dns: vec![],
+            mtu: 1500,
+            port_forwards: vec![],
+        };
+        assert_eq!(
+            c.qemu_args(),
+            [
+                "-netdev",
+                "stream,id=net0,server=off,addr.type=unix,addr.path=/run/b/net.sock",
+                "-device",
+                "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56"
+            ]
+        );
+    }
+
+    #[test]
     fn resolv_conf_nameservers() {
         let got = parse_resolv_conf(
             "# c\nnameserver 10.0.0.1\nsearch x\nnameserver fe80::1%eth0\nnameserver bogus\n",
