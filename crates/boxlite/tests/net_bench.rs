@@ -111,11 +111,16 @@ fn bench(kind: NetworkKind) -> String {
 fn network_backends_benchmark() {
     let _lock = vm::vm_lock();
     let mut rows = Vec::new();
+    // BOXLITE_BENCH_BACKENDS=usernet,passt limits the run.
+    let only = std::env::var("BOXLITE_BENCH_BACKENDS").unwrap_or_default();
     for kind in [
         NetworkKind::Usernet,
         NetworkKind::Libslirp,
         NetworkKind::Passt,
     ] {
+        if !only.is_empty() && !only.split(',').any(|k| k == kind.to_string()) {
+            continue;
+        }
         let row = bench(kind);
         println!("{row}");
         rows.push(row);

@@ -599,6 +599,8 @@ impl Stack {
             tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
         );
         s.set_nagle_enabled(false);
+        // Acknowledge at once: a delayed ACK here adds to every request/response round trip.
+        s.set_ack_delay(None);
         s.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
         s
     }
