@@ -33,7 +33,10 @@ fn tcp_send_pattern(len: usize) -> Vec<u8> {
 }
 
 struct Scenario {
+    /// nslookup through the DNS override (a stub upstream from case 23).
     dns: bool,
+    /// DNS over TCP and the host alias refusal: what only usernet serves.
+    usernet_extras: bool,
     flood: bool,
     /// The backend relays the peer's FIN after the guest half-closed (passt 2023-03 does not:
     /// the reply arrives, the EOF never does).
@@ -42,6 +45,20 @@ struct Scenario {
     gateway_refused: bool,
     /// A connect the peer refuses reaches the guest as a reset (passt 2023-03 lets it time out).
     relays_refusal: bool,
+}
+
+/// busybox nslookup through the DNS override and of the host alias name.
+fn check_dns(guest: &mut Guest) {
+    let small = guest.wait_for("MARK nslookup-small", STEP);
+    assert!(
+        small.contains("198.51.100.200"),
+        "stub upstream via --dns: {small}"
+    );
+    let host = guest.wait_for("MARK nslookup-host", STEP);
+    assert!(
+        host.contains("192.168.127.254"),
+        "host.boxlite.internal: {host}"
+    );
 }
 
 /// Asserts that the guest's connect `who` failed promptly: refused (RST) or unreachable (ICMP),
@@ -72,8 +89,10 @@ fn init_script(peer: &str, s: &Scenario) -> String {
     );
     if s.dns {
         init += "echo \"MARK nslookup-small $(nslookup small.example.test 192.168.127.1 2>&1 | tr '\\n' ' ')\"\n\
-                 echo \"MARK nslookup-host $(nslookup host.boxlite.internal 192.168.127.1 2>&1 | tr '\\n' ' ')\"\n\
-                 echo \"MARK $(net_probe dns-tcp 192.168.127.1:53 many.example.test)\"\n\
+                 echo \"MARK nslookup-host $(nslookup host.boxlite.internal 192.168.127.1 2>&1 | tr '\\n' ' ')\"\n";
+    }
+    if s.usernet_extras {
+        init += "echo \"MARK $(net_probe dns-tcp 192.168.127.1:53 many.example.test)\"\n\
                  echo \"MARK alias $(net_probe connect 192.168.127.254:18555)\"\n";
     }
     if s.gateway_refused {
@@ -236,6 +255,7 @@ fn usernet_guest_dhcp_dns_nat_forwards_counters_and_flood() {
 
     let scenario = Scenario {
         dns: true,
+        usernet_extras: true,
         flood: true,
         eof_after_half_close: true,
         gateway_refused: true,
@@ -243,16 +263,7 @@ fn usernet_guest_dhcp_dns_nat_forwards_counters_and_flood() {
     };
     let blob = blob();
     let mut guest = boot_and_check_common(dir.path(), &config, &ns, &scenario, &blob);
-    let small = guest.wait_for("MARK nslookup-small", STEP);
-    assert!(
-        small.contains("198.51.100.200"),
-        "stub upstream via --dns: {small}"
-    );
-    let host = guest.wait_for("MARK nslookup-host", STEP);
-    assert!(
-        host.contains("192.168.127.254"),
-        "host.boxlite.internal: {host}"
-    );
+    check_dns(&mut guest);
 
     let tcp_dns = guest.wait_for("MARK OK dns-tcp", STEP);
     assert!(
@@ -317,21 +328,26 @@ fn libslirp_guest_dhcp_nat_forwards_and_counters() {
     let dir = tempfile::tempdir().unwrap();
     let mut ns = Netns::create();
     ns.start_servers(&www_dir(dir.path()));
+    let (_case_dir, case) = run_case("23", &[]);
+    let stub = StubDns::start(&case.join("zone.json"));
     let mut opts = NetworkOptions::new(NetworkKind::Libslirp, dir.path());
     opts.port_forwards = vec![PortForward::tcp(0, 80)];
+    opts.dns = vec![stub.addr];
     let (net, config) = NetworkHandle::start(opts).unwrap();
     let http_port = config.port_forwards[0].host_port;
     assert_ne!(http_port, 0);
 
     let blob = blob();
     let scenario = Scenario {
-        dns: false,
+        dns: true,
+        usernet_extras: false,
         flood: false,
         eof_after_half_close: true,
         gateway_refused: true,
         relays_refusal: true,
     };
     let mut guest = boot_and_check_common(dir.path(), &config, &ns, &scenario, &blob);
+    check_dns(&mut guest);
     check_refused(&mut guest, "gateway");
     check_http(http_port, &blob);
     check_runtime_forward(
@@ -355,6 +371,7 @@ fn passt_guest_dhcp_nat_forwards_and_counters() {
     let blob = blob();
     let scenario = Scenario {
         dns: false,
+        usernet_extras: false,
         flood: false,
         eof_after_half_close: false,
         // passt's --no-map-gw leaves the gateway as an ordinary remote address: connects to it
