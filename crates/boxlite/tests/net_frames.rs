@@ -360,3 +360,54 @@ fn icmp_echo_goes_out_through_ping_sockets() {
     .join()
     .unwrap();
 }
+
+#[test]
+fn pending_connects_are_bounded_and_freed() {
+    // SYNs to a destination that never answers (routed into lo of a private namespace, where
+    // nothing forwards them) keep host connects pending: past the limit, SYNs are reset at once,
+    // and stopping the backend closes every descriptor it held.
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare (needs root)");
+        let st = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("ip link set lo up && ip route add 10.98.0.0/24 dev lo")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let fds0 = fds();
+        let (_d, net, mut guest) = start(|_| {});
+        let dst = SocketAddrV4::new(Ipv4Addr::new(10, 98, 0, 2), 80);
+        let limit = 1024;
+        let extra = 50;
+        for i in 0..(limit + extra) as u16 {
+            guest.send_tcp(20000 + i, dst, TcpControl::Syn, 7);
+        }
+        let mut resets = 0;
+        while let Some(f) = guest.recv(Duration::from_millis(1500)) {
+            let eth = EthernetFrame::new_checked(&f[..]).unwrap();
+            if let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) {
+                if let Ok(tcp) = smoltcp::wire::TcpPacket::new_checked(ip.payload()) {
+                    if tcp.rst() {
+                        resets += 1;
+                    }
+                }
+            }
+        }
+        let m = net.metrics();
+        assert_eq!(m.tcp_connections, limit as u64, "{m:?}");
+        assert_eq!(resets, extra, "SYNs past the limit are reset at once");
+        assert!(
+            fds() <= fds0 + limit + 16,
+            "one descriptor per pending connect"
+        );
+        drop((guest, net));
+        assert!(
+            fds() <= fds0 + 1,
+            "stopping frees everything ({} vs {fds0})",
+            fds()
+        );
+    })
+    .join()
+    .unwrap();
+}

@@ -145,6 +145,7 @@ impl NetworkBackend for Usernet {
         if self.running.lock().expect("usernet handle lock").is_some() {
             return Err(NetworkError::AlreadyRunning(NetworkKind::Usernet));
         }
+        raise_fd_limit();
         let path = self.options.socket_path()?;
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).map_err(|source| NetworkError::BindSocket {
@@ -239,6 +240,30 @@ impl NetworkBackend for Usernet {
 
     fn port_forwards(&self) -> Vec<PortForward> {
         self.forwards.lock().expect("forward list lock").clone()
+    }
+}
+
+/// Descriptors the stack may hold at once: TCP connections, UDP flows, ping sockets, forwards.
+const FD_BUDGET: libc::rlim_t = (stack::MAX_TCP + 2 * udp::MAX_FLOWS + 256) as libc::rlim_t;
+
+/// Raises this process's soft descriptor limit to cover [`FD_BUDGET`] (as far as the hard limit
+/// allows); the stack runs inside the per-Box shim, which owns its process.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let want: libc::rlim_t = lim.rlim_cur.max(FD_BUDGET).min(lim.rlim_max);
+    if want > lim.rlim_cur {
+        lim.rlim_cur = want;
+        // SAFETY: setrlimit reads one valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            warn!("cannot raise the descriptor limit; busy guests may see refused connects");
+        }
     }
 }
 
