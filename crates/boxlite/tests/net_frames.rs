@@ -26,8 +26,16 @@ fn start(opts: impl FnOnce(&mut NetworkOptions)) -> (tempfile::TempDir, NetworkH
 
 const SHORT: Duration = Duration::from_millis(400);
 
+/// The descriptor-counting test takes this exclusively; every other test shares it.
+static FDS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    FDS.read().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn case_28_dhcp_nak_is_broadcast_and_bad_packets_are_ignored() {
+    let _fds = shared();
     let (_case_dir, case) = run_case("28", &[]);
     let frame = |name: &str| std::fs::read(case.join(name)).unwrap();
     let (_d, net, mut guest) = start(|_| {});
@@ -85,6 +93,7 @@ fn case_28_dhcp_nak_is_broadcast_and_bad_packets_are_ignored() {
 
 #[test]
 fn case_23_dns_replies_fit_the_client_and_set_tc() {
+    let _fds = shared();
     let (_case_dir, case) = run_case("23", &[]);
     let stub = StubDns::start(&case.join("zone.json"));
     let (_d, net, mut guest) = start(|o| o.dns = vec![stub.addr]);
@@ -188,6 +197,7 @@ impl Listeners {
 
 #[test]
 fn case_27_host_loopback_is_private_unless_allowed() {
+    let _fds = shared();
     let listeners = Listeners::bind();
     let gw = |port| SocketAddrV4::new(Topology::GATEWAY, port);
     let alias = |port| SocketAddrV4::new(Topology::HOST_ALIAS, port);
@@ -241,6 +251,7 @@ fn case_27_host_loopback_is_private_unless_allowed() {
 
 #[test]
 fn full_dhcp_exchange_and_udp_nat_round_trip() {
+    let _fds = shared();
     let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
     let echo_addr = echo.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -273,6 +284,7 @@ fn full_dhcp_exchange_and_udp_nat_round_trip() {
 
 #[test]
 fn udp_port_forward_round_trip_and_removal() {
+    let _fds = shared();
     let (_d, net, mut guest) = start(|o| o.port_forwards = vec![PortForward::udp(0, 5353)]);
     let f = net.port_forwards()[0];
     assert_ne!(f.host_port, 0, "the picked port is reported");
@@ -314,6 +326,7 @@ fn udp_port_forward_round_trip_and_removal() {
 
 #[test]
 fn icmp_echo_goes_out_through_ping_sockets() {
+    let _fds = shared();
     // Ping sockets need net.ipv4.ping_group_range, a per-namespace setting: run the stack in a
     // private network namespace of this thread (and of the threads and commands it starts).
     std::thread::spawn(|| {
@@ -363,6 +376,7 @@ fn icmp_echo_goes_out_through_ping_sockets() {
 
 #[test]
 fn pending_connects_are_bounded_and_freed() {
+    let _fds = FDS.write().unwrap_or_else(|e| e.into_inner());
     // SYNs to a destination that never answers (routed into lo of a private namespace, where
     // nothing forwards them) keep host connects pending: past the limit, SYNs are reset at once,
     // and stopping the backend closes every descriptor it held.
