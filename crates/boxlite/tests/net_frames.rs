@@ -425,3 +425,60 @@ fn pending_connects_are_bounded_and_freed() {
     .join()
     .unwrap();
 }
+
+#[test]
+fn arp_is_answered_only_for_our_addresses() {
+    let _fds = shared();
+    let (_d, _net, mut guest) = start(|_| {});
+    let ask = |guest: &mut FakeGuest, target: Ipv4Addr| -> Option<[u8; 6]> {
+        let req = smoltcp::wire::ArpRepr::EthernetIpv4 {
+            operation: smoltcp::wire::ArpOperation::Request,
+            source_hardware_addr: smoltcp::wire::EthernetAddress(net_common::GUEST_MAC),
+            source_protocol_addr: Topology::GUEST,
+            target_hardware_addr: smoltcp::wire::EthernetAddress([0; 6]),
+            target_protocol_addr: target,
+        };
+        let eth = smoltcp::wire::EthernetRepr {
+            src_addr: smoltcp::wire::EthernetAddress(net_common::GUEST_MAC),
+            dst_addr: smoltcp::wire::EthernetAddress::BROADCAST,
+            ethertype: EthernetProtocol::Arp,
+        };
+        let mut buf = vec![0u8; eth.buffer_len() + req.buffer_len()];
+        let mut f = EthernetFrame::new_unchecked(&mut buf[..]);
+        eth.emit(&mut f);
+        req.emit(&mut smoltcp::wire::ArpPacket::new_unchecked(
+            f.payload_mut(),
+        ));
+        guest.send(&buf);
+        let reply = guest.recv(SHORT)?;
+        let eth = EthernetFrame::new_checked(&reply[..]).unwrap();
+        let arp = smoltcp::wire::ArpPacket::new_checked(eth.payload()).unwrap();
+        match smoltcp::wire::ArpRepr::parse(&arp).unwrap() {
+            smoltcp::wire::ArpRepr::EthernetIpv4 {
+                operation: smoltcp::wire::ArpOperation::Reply,
+                source_hardware_addr,
+                source_protocol_addr,
+                ..
+            } => {
+                assert_eq!(source_protocol_addr, target);
+                Some(source_hardware_addr.0)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(
+        ask(&mut guest, Topology::GATEWAY),
+        Some(Topology::GATEWAY_MAC)
+    );
+    assert_eq!(
+        ask(&mut guest, Topology::HOST_ALIAS),
+        Some(Topology::GATEWAY_MAC)
+    );
+    for other in [
+        Ipv4Addr::new(192, 168, 127, 50),
+        Topology::GUEST,
+        Ipv4Addr::new(10, 0, 0, 1),
+    ] {
+        assert_eq!(ask(&mut guest, other), None, "{other} is not ours to claim");
+    }
+}
