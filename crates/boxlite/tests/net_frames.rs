@@ -482,3 +482,41 @@ fn arp_is_answered_only_for_our_addresses() {
         assert_eq!(ask(&mut guest, other), None, "{other} is not ours to claim");
     }
 }
+
+#[test]
+fn big_udp_answers_reach_the_guest_as_fragments() {
+    let _fds = shared();
+    let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 100];
+        if let Ok((_, peer)) = echo.recv_from(&mut buf) {
+            let big: Vec<u8> = (0..9000).map(|i| (i % 249) as u8).collect();
+            let _ = echo.send_to(&big, peer);
+        }
+    });
+    let (_d, _net, mut guest) = start(|o| o.allow_host = true);
+    guest.send_udp(
+        7000,
+        SocketAddrV4::new(Topology::HOST_ALIAS, port),
+        b"big please",
+    );
+    let mut datagram = vec![0u8; 8 + 9000];
+    let mut got = 0;
+    let mut last_seen = false;
+    while !(last_seen && got == datagram.len()) {
+        let f = guest.recv(Duration::from_secs(2)).expect("all fragments");
+        let eth = EthernetFrame::new_checked(&f[..]).unwrap();
+        let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+        assert!(ip.verify_checksum() && f.len() <= 1514);
+        let off = usize::from(ip.frag_offset());
+        datagram[off..off + ip.payload().len()].copy_from_slice(ip.payload());
+        got += ip.payload().len();
+        last_seen |= !ip.more_frags();
+    }
+    let udp = smoltcp::wire::UdpPacket::new_checked(&datagram[..]).unwrap();
+    assert!(udp.verify_checksum(&Topology::HOST_ALIAS.into(), &Topology::GUEST.into()));
+    assert_eq!(udp.dst_port(), 7000);
+    let want: Vec<u8> = (0..9000).map(|i| (i % 249) as u8).collect();
+    assert_eq!(udp.payload(), &want[..]);
+}

@@ -8,9 +8,10 @@
 //! created with `allow_host`.
 //!
 //! IPv4 only: IPv6 frames from the guest are dropped (the guest keeps its link-local address
-//! and nothing routes beyond it). UDP datagrams larger than one 1500-byte frame toward the guest
-//! are dropped (no IP fragmentation), and ICMP beyond the gateway needs unprivileged ping sockets
-//! (`net.ipv4.ping_group_range`); both are marked where they live.
+//! and nothing routes beyond it). Datagrams toward the guest larger than one frame are sent as
+//! IPv4 fragments, but fragmented packets *from* the guest are dropped (no reassembly; guests
+//! rarely send UDP beyond their MTU). ICMP beyond the gateway needs unprivileged ping sockets
+//! (`net.ipv4.ping_group_range`). Both gaps are marked where they live.
 //!
 //! The shim drives the thread through [`Usernet`]: commands (port forwards, stop) go over a
 //! channel with a mio waker; counters are shared atomics.

@@ -13,8 +13,6 @@ use crate::net::PortForward;
 
 /// Most NAT'ed UDP flows at once; the least recently used goes when a new one needs room.
 pub const MAX_FLOWS: usize = 512;
-/// Largest datagram we can hand the guest without IP fragmentation.
-pub const MAX_PAYLOAD: usize = 1500 - 20 - 8;
 
 /// One guest UDP flow through a host socket.
 #[derive(Debug)]

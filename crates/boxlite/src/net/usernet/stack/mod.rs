@@ -121,6 +121,8 @@ pub(crate) struct Stack {
     last_housekeeping: Instant,
     /// Datagram sockets that stopped reading at the batch limit: read again next round.
     pending_reads: Vec<Token>,
+    /// IPv4 identification of the next fragmented datagram toward the guest.
+    next_ip_ident: u16,
 }
 
 impl std::fmt::Debug for Stack {
@@ -214,6 +216,7 @@ impl Stack {
             dns_in_flight: 0,
             last_housekeeping: Instant::now(),
             pending_reads: Vec::new(),
+            next_ip_ident: 0,
         })
     }
 
@@ -477,7 +480,12 @@ impl Stack {
         let Ok(ip) = Ipv4Packet::new_checked(payload) else {
             return false;
         };
-        if !ip.verify_checksum() || ip.more_frags() || ip.frag_offset() != 0 {
+        if !ip.verify_checksum() {
+            return false;
+        }
+        if ip.more_frags() || ip.frag_offset() != 0 {
+            // A known gap: no reassembly of fragments from the guest; such packets are lost
+            // (counted as dropped frames).
             return false;
         }
         let (src, dst) = (ip.src_addr(), ip.dst_addr());

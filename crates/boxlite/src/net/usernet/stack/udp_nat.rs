@@ -229,17 +229,19 @@ impl Stack {
         let Some(mac) = self.guest_mac else {
             return;
         };
-        if payload.len() > udp::MAX_PAYLOAD {
-            // A known gap: no IP fragmentation toward the guest, so such datagrams are lost.
-            debug!(
-                len = payload.len(),
-                "dropping a UDP datagram too big for one frame"
-            );
-            self.counters.dropped_frames.fetch_add(1, Ordering::Relaxed);
-            return;
+        self.next_ip_ident = self.next_ip_ident.wrapping_add(1);
+        let frames = packet::udp_frames(
+            Topology::GATEWAY_MAC,
+            mac,
+            from,
+            to,
+            payload,
+            usize::from(Topology::MTU),
+            self.next_ip_ident,
+        );
+        for frame in frames {
+            self.device.send_frame(&frame);
         }
-        let frame = packet::udp_frame(Topology::GATEWAY_MAC, mac, from, to, payload);
-        self.device.send_frame(&frame);
     }
 
     pub(super) fn on_dhcp(&mut self, payload: &[u8]) {
