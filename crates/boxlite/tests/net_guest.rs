@@ -45,6 +45,9 @@ struct Scenario {
     gateway_refused: bool,
     /// A connect the peer refuses reaches the guest as a reset (passt 2023-03 lets it time out).
     relays_refusal: bool,
+    /// UDP datagrams bigger than the MTU (IPv4 fragments both ways) arrive whole (passt
+    /// 2023-03 returns them mangled).
+    big_udp: bool,
 }
 
 /// busybox nslookup through the DNS override and of the host alias name.
@@ -80,11 +83,13 @@ fn check_refused(guest: &mut Guest, who: &str) {
 fn init_script(peer: &str, s: &Scenario) -> String {
     let line = if s.eof_after_half_close { "" } else { "line" };
     let timeout = if s.relays_refusal { "" } else { "3" };
+    let big_udp = 8000;
     let mut init = vm::INIT_HEAD.to_string();
     init += &format!(
         "echo \"MARK wget $(wget -q -O - http://{peer}:8080/blob | sha256sum)\"\n\
          echo \"MARK $(net_probe tcp-send {peer}:7777 3000000 {line})\"\n\
          echo \"MARK $(net_probe udp-echo {peer}:7778 20)\"\n\
+         echo \"MARK big-udp $(net_probe udp-echo {peer}:7778 5 {big_udp})\"\n\
          echo \"MARK closed-port $(net_probe connect {peer}:7999 {timeout})\"\n"
     );
     if s.dns {
@@ -153,7 +158,14 @@ fn boot_and_check_common(
         "guest → peer TCP with half-close: {sent}"
     );
     let udp = guest.wait_for("MARK OK udp-echo", STEP);
-    assert!(udp.contains("20 datagrams echoed"), "{udp}");
+    assert!(udp.contains("20 datagrams of 1000 bytes echoed"), "{udp}");
+    let big = guest.wait_for("MARK big-udp", STEP);
+    if scenario.big_udp {
+        assert!(
+            big.contains("OK udp-echo 5 datagrams of 8000 bytes echoed"),
+            "UDP bigger than the MTU (fragments both ways): {big}"
+        );
+    }
     if scenario.relays_refusal {
         check_refused(&mut guest, "closed-port");
     }
@@ -260,6 +272,7 @@ fn usernet_guest_dhcp_dns_nat_forwards_counters_and_flood() {
         eof_after_half_close: true,
         gateway_refused: true,
         relays_refusal: true,
+        big_udp: true,
     };
     let blob = blob();
     let mut guest = boot_and_check_common(dir.path(), &config, &ns, &scenario, &blob);
@@ -345,6 +358,7 @@ fn libslirp_guest_dhcp_nat_forwards_and_counters() {
         eof_after_half_close: true,
         gateway_refused: true,
         relays_refusal: true,
+        big_udp: true,
     };
     let mut guest = boot_and_check_common(dir.path(), &config, &ns, &scenario, &blob);
     check_dns(&mut guest);
@@ -378,6 +392,7 @@ fn passt_guest_dhcp_nat_forwards_and_counters() {
         // are not refused, they go unanswered.
         gateway_refused: false,
         relays_refusal: false,
+        big_udp: false,
     };
     let mut guest = boot_and_check_common(dir.path(), &config, &ns, &scenario, &blob);
     check_http(http_port, &blob);

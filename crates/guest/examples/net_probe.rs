@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! net_probe dhcp MAC [TIMEOUT]        the agent's DHCP client; prints the lease
-//! net_probe udp-echo IP:PORT N        N datagrams, each echoed back byte-exact
+//! net_probe udp-echo IP:PORT N [SIZE] N datagrams of SIZE bytes (1000), each echoed byte-exact
 //! net_probe tcp-send IP:PORT BYTES [line]
 //!                                     sends BYTES, half-closes, prints the peer's reply (read to
 //!                                     EOF, or only its first line with `line`)
@@ -34,7 +34,7 @@ fn main() {
             };
             dhcp::configure(&setup).map(|ip| format!("lease {}", ip.unwrap_or_default()))
         }
-        "udp-echo" => udp_echo(addr(), n(2)),
+        "udp-echo" => udp_echo(addr(), n(2), arg(3).parse().unwrap_or(1000)),
         "tcp-send" => tcp_send(addr(), n(2), arg(3) == "line"),
         "flood-tcp" => flood_tcp(addr(), n(2)),
         "flood-udp" => flood_udp(addr(), n(2)),
@@ -52,20 +52,20 @@ fn main() {
     }
 }
 
-fn udp_echo(to: SocketAddr, n: usize) -> Result<String, String> {
+fn udp_echo(to: SocketAddr, n: usize, size: usize) -> Result<String, String> {
     let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
     s.connect(to).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; 65536];
     for i in 0..n {
-        let msg: Vec<u8> = (0..1000).map(|j| ((i * 7 + j) % 251) as u8).collect();
+        let msg: Vec<u8> = (0..size).map(|j| ((i * 7 + j) % 251) as u8).collect();
         s.send(&msg).map_err(|e| format!("send {i}: {e}"))?;
         let got = s.recv(&mut buf).map_err(|e| format!("reply {i}: {e}"))?;
         if buf[..got] != msg[..] {
             return Err(format!("reply {i} differs"));
         }
     }
-    Ok(format!("{n} datagrams echoed"))
+    Ok(format!("{n} datagrams of {size} bytes echoed"))
 }
 
 fn tcp_send(to: SocketAddr, bytes: usize, line_only: bool) -> Result<String, String> {

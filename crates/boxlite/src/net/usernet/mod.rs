@@ -8,10 +8,9 @@
 //! created with `allow_host`.
 //!
 //! IPv4 only: IPv6 frames from the guest are dropped (the guest keeps its link-local address
-//! and nothing routes beyond it). Datagrams toward the guest larger than one frame are sent as
-//! IPv4 fragments, but fragmented packets *from* the guest are dropped (no reassembly; guests
-//! rarely send UDP beyond their MTU). ICMP beyond the gateway needs unprivileged ping sockets
-//! (`net.ipv4.ping_group_range`). Both gaps are marked where they live.
+//! and nothing routes beyond it). UDP and ICMP bigger than one frame travel as IPv4 fragments
+//! both ways ([`reassembly`] for the guest's). ICMP beyond the gateway needs unprivileged ping
+//! sockets (`net.ipv4.ping_group_range`); that gap is marked where it lives.
 //!
 //! The shim drives the thread through [`Usernet`]: commands (port forwards, stop) go over a
 //! channel with a mio waker; counters are shared atomics.
@@ -21,6 +20,7 @@ pub mod dhcp;
 pub mod dns;
 pub mod packet;
 mod policy;
+pub mod reassembly;
 mod stack;
 mod tcp;
 mod udp;

@@ -40,6 +40,7 @@ use super::dhcp::{Destination, DhcpConfig, DhcpServer};
 use super::dns::{self, Transport};
 use super::packet::{self, SegmentId};
 use super::policy::{self, Target};
+use super::reassembly::Reassembler;
 use super::tcp::{Peer, Pumped, TcpConn};
 use super::udp::{self, IcmpFlow, UdpFlow, UdpForward};
 use super::{Command, Counters, StackConfig};
@@ -123,6 +124,7 @@ pub(crate) struct Stack {
     pending_reads: Vec<Token>,
     /// IPv4 identification of the next fragmented datagram toward the guest.
     next_ip_ident: u16,
+    reassembler: Reassembler,
 }
 
 impl std::fmt::Debug for Stack {
@@ -217,6 +219,7 @@ impl Stack {
             last_housekeeping: Instant::now(),
             pending_reads: Vec::new(),
             next_ip_ident: 0,
+            reassembler: Reassembler::default(),
         })
     }
 
@@ -484,9 +487,17 @@ impl Stack {
             return false;
         }
         if ip.more_frags() || ip.frag_offset() != 0 {
-            // A known gap: no reassembly of fragments from the guest; such packets are lost
-            // (counted as dropped frames).
-            return false;
+            // UDP and ICMP are reassembled here; fragmented TCP (guests send TCP with DF set)
+            // would go to smoltcp bigger than its MTU and is dropped.
+            if ip.next_header() == IpProtocol::Tcp {
+                return false;
+            }
+            if let Some(whole) = self.reassembler.push(&ip) {
+                let mut f = frame[..14].to_vec();
+                f.extend_from_slice(&whole);
+                return self.classify_ipv4(&f, &f[14..]);
+            }
+            return true;
         }
         let (src, dst) = (ip.src_addr(), ip.dst_addr());
         match ip.next_header() {
@@ -564,6 +575,7 @@ impl Stack {
 
     fn housekeeping(&mut self) {
         self.last_housekeeping = Instant::now();
+        self.reassembler.expire();
         let idle = self.config.udp_idle_timeout;
         let expired: Vec<Token> = self
             .flows
