@@ -10,7 +10,12 @@
 //!   destination runs; when it succeeds a listening smoltcp socket is created for exactly that
 //!   destination and the SYN replayed into it; when it fails (or policy refuses) the guest gets a
 //!   RST at once. Everything else of TCP is smoltcp's job.
-//! - ICMP echo to the gateway or the host alias is answered by smoltcp; other ICMP is dropped.
+//! - ICMP echo to the gateway or the host alias is answered by smoltcp; echo requests to other
+//!   destinations go out through unprivileged ping sockets; other ICMP is dropped.
+//! - Fragmented UDP and ICMP is reassembled first (bounded, see `reassembly`).
+//!
+//! The work is split by concern into `tcp_nat`, `udp_nat` (with DHCP and ICMP), `dns_relay` and
+//! `forwards`; this file holds the loop, the VMM side and the classification above.
 //!
 //! Resources are bounded: at most [`MAX_TCP`] TCP connections, [`udp::MAX_FLOWS`] UDP flows,
 //! [`MAX_DNS_IN_FLIGHT`] DNS lookups and a bounded output buffer toward QEMU (see [`device`]).
