@@ -38,7 +38,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let started = Instant::now();
     for ((path, media_type, digest), diff_id) in layers.iter().zip(&diff_ids) {
-        let blob = LayerBlob { path, media_type, digest };
+        let blob = LayerBlob {
+            path,
+            media_type,
+            digest,
+        };
         storage.ensure_layer(&blob, diff_id, &Limits::default())?;
     }
     println!("extract {:.3}", started.elapsed().as_secs_f64());
@@ -56,7 +60,10 @@ fn read_layout(dir: &Path, tag: &str) -> Result<(Layers, Vec<DiffId>), Box<dyn s
     let json = |p: PathBuf| -> Result<serde_json::Value, Box<dyn std::error::Error>> {
         Ok(serde_json::from_slice(&std::fs::read(p)?)?)
     };
-    let blob = |d: &str| dir.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+    let blob = |d: &str| {
+        dir.join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
     let index = json(dir.join("index.json"))?;
     let desc = index["manifests"]
         .as_array()
@@ -66,14 +73,25 @@ fn read_layout(dir: &Path, tag: &str) -> Result<(Layers, Vec<DiffId>), Box<dyn s
         })
         .ok_or("tag not in index.json")?;
     let manifest = json(blob(desc["digest"].as_str().ok_or("bad index")?))?;
-    let config = json(blob(manifest["config"]["digest"].as_str().ok_or("bad manifest")?))?;
+    let config = json(blob(
+        manifest["config"]["digest"]
+            .as_str()
+            .ok_or("bad manifest")?,
+    ))?;
     let mut layers = Vec::new();
     for l in manifest["layers"].as_array().ok_or("bad manifest")? {
         let d = l["digest"].as_str().ok_or("bad layer")?;
-        layers.push((blob(d), l["mediaType"].as_str().unwrap_or_default().to_string(), d.parse()?));
+        layers.push((
+            blob(d),
+            l["mediaType"].as_str().unwrap_or_default().to_string(),
+            d.parse()?,
+        ));
     }
     let mut diff_ids = Vec::new();
-    for d in config["rootfs"]["diff_ids"].as_array().ok_or("bad config")? {
+    for d in config["rootfs"]["diff_ids"]
+        .as_array()
+        .ok_or("bad config")?
+    {
         diff_ids.push(d.as_str().ok_or("bad config")?.parse()?);
     }
     Ok((layers, diff_ids))

@@ -532,3 +532,57 @@ fn concurrent_ensure_extracts_once() {
         0o700
     );
 }
+
+#[test]
+fn a_later_member_replaces_a_hardlink_into_a_lower_layer() {
+    for mode in [AssembleMode::Link, AssembleMode::Copy] {
+        let cache = Cache::new();
+        let (root, r) = stack(
+            &cache,
+            &[
+                vec![file("base", b"lower\n", 0o644)],
+                vec![
+                    hardlink("x", "base"),
+                    file("x", b"the later member\n", 0o644),
+                ],
+            ],
+            mode,
+        );
+        r.unwrap();
+        assert_eq!(
+            fs::read_to_string(root.join("x")).unwrap(),
+            "the later member\n"
+        );
+        assert_eq!(fs::read_to_string(root.join("base")).unwrap(), "lower\n");
+        assert_ne!(
+            fs::metadata(root.join("x")).unwrap().ino(),
+            fs::metadata(root.join("base")).unwrap().ino()
+        );
+    }
+}
+
+#[test]
+fn overlayfs_xattrs_are_recorded_not_applied() {
+    let mut f = file("etc/x", b"x", 0o644);
+    f.pax
+        .push(("SCHILY.xattr.trusted.overlay.opaque".into(), b"y".to_vec()));
+    f.pax
+        .push(("SCHILY.xattr.user.fine".into(), b"ok".to_vec()));
+    let cache = Cache::new();
+    let info = cache.add_bytes(&tar_bytes(&[f])).unwrap();
+    let meta = cache.storage.read_meta(&info.diff_id).unwrap();
+    assert_eq!(meta.skipped_xattrs.len(), 1);
+    assert_eq!(meta.skipped_xattrs[0].name, "trusted.overlay.opaque");
+    let (root, r) = cache.assemble(&[info.diff_id], AssembleMode::Copy);
+    r.unwrap();
+    assert_eq!(
+        xattr::get(root.join("etc/x"), "trusted.overlay.opaque").unwrap(),
+        None
+    );
+    assert_eq!(
+        xattr::get(root.join("etc/x"), "user.fine")
+            .unwrap()
+            .as_deref(),
+        Some(&b"ok"[..])
+    );
+}

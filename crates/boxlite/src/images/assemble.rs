@@ -309,11 +309,6 @@ impl<'a> LayerApply<'a> {
             }
         }
 
-        if let Some(links) = self.external.get(rel).cloned() {
-            for (name, target) in links {
-                self.external_link(&rel.join(&name), dest, &name, target)?;
-            }
-        }
         if let Some(devices) = self.devices.get(rel).cloned() {
             for (name, dev) in devices {
                 let path = rel.join(&name);
@@ -333,6 +328,14 @@ impl<'a> LayerApply<'a> {
                 };
                 self.apply_at(dest, &name, false, &attrs, &path)?;
                 self.stats.special_files += 1;
+            }
+        }
+        // Hardlinks into lower layers last: their targets may be the nodes above. (A target
+        // this layer replaces resolves to the new file, although a tar read in order would link
+        // the old one when the link comes first; no known builder writes that.)
+        if let Some(links) = self.external.get(rel).cloned() {
+            for (name, target) in links {
+                self.external_link(&rel.join(&name), dest, &name, target)?;
             }
         }
         Ok(())

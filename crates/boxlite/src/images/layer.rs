@@ -228,12 +228,12 @@ impl Extractor {
             }
         }
 
-        let attrs = self.attrs(m, &shown)?;
         let Some((parent, name)) = path.split_last() else {
             // The root itself (`./`): only its attributes can change.
             if m.kind != Kind::Dir {
                 return Err(refused("the layer root must be a directory".into()));
             }
+            let attrs = self.attrs(m, &path, &shown)?;
             self.meta.implicit_dirs.remove(&path);
             self.dirs.insert(path, attrs);
             return Ok(());
@@ -265,17 +265,21 @@ impl Extractor {
 
         // Whatever is there goes first (a directory stays for a directory): later members win,
         // and a replaced name is unlinked, never written through.
+        // Records about the old occupant (a hardlink into a lower layer, a skipped device)
+        // go with it.
         let existing = lstat_at(dir.as_fd(), &name).map_err(io_err("inspect"))?;
-        if let Some(st) = existing {
-            if !(m.kind == Kind::Dir && is_dir(&st)) {
+        let dir_stays = m.kind == Kind::Dir && existing.as_ref().is_some_and(is_dir);
+        if !dir_stays {
+            if let Some(st) = existing {
                 if is_dir(&st) {
                     self.parent_cache = None;
                     self.dirs.retain(|k, _| !k.starts_with(&path));
                 }
                 remove_at(dir.as_fd(), &name).map_err(io_err("replace"))?;
-                self.meta.forget_below(&path);
             }
+            self.meta.forget_below(&path);
         }
+        let attrs = self.attrs(m, &path, &shown)?;
 
         match m.kind {
             Kind::Dir => {
@@ -318,7 +322,7 @@ impl Extractor {
         Ok(())
     }
 
-    fn attrs(&self, m: &Member, shown: &str) -> Result<Attrs, LayerError> {
+    fn attrs(&mut self, m: &Member, path: &RelPath, shown: &str) -> Result<Attrs, LayerError> {
         let id = |v: u64, what: &str| {
             u32::try_from(v).map_err(|_| LayerError::Refused {
                 member: shown.to_string(),
@@ -330,12 +334,26 @@ impl Extractor {
             uid: id(m.uid, "uid")?,
             gid: id(m.gid, "gid")?,
             mtime: m.mtime,
-            xattrs: m
-                .xattrs
-                .iter()
-                .map(|(k, v)| (OsString::from_vec(k.clone()), v.clone()))
-                .collect(),
+            xattrs: self.allowed_xattrs(m, path),
         })
+    }
+
+    /// The member's xattrs minus overlayfs' own (`trusted.overlay.*`, `user.overlay.*`): in
+    /// a lower layer they would steer the guest's overlay mount (opaque, redirect, metacopy),
+    /// so they are recorded as skipped instead.
+    fn allowed_xattrs(&mut self, m: &Member, path: &RelPath) -> Vec<(OsString, Vec<u8>)> {
+        let mut allowed = Vec::new();
+        let mut refused = Vec::new();
+        for (name, value) in &m.xattrs {
+            let name_os = OsString::from_vec(name.clone());
+            if name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.") {
+                refused.push((name_os, value.clone(), "reserved for overlayfs".to_string()));
+            } else {
+                allowed.push((name_os, value.clone()));
+            }
+        }
+        self.meta.record_xattr_failures(path, refused);
+        allowed
     }
 
     /// Opens (creating as needed) the directory `parent`, one component at a time, refusing
