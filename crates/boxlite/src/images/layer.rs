@@ -188,44 +188,8 @@ impl Extractor {
             problem,
         })?;
 
-        // Whiteout names are records, never files.
-        if let Some((parent, last)) = path.split_last() {
-            let last = last.as_bytes();
-            if parent
-                .components()
-                .any(|c| c.as_bytes().starts_with(WHITEOUT_PREFIX))
-            {
-                return Err(refused("a whiteout name is used as a directory".into()));
-            }
-            if last.starts_with(AUFS_META_PREFIX) && last != OPAQUE_MARKER {
-                tracing::debug!(member = %shown, "skipping aufs metadata entry");
-                return Ok(());
-            }
-            if let Some(hidden) = last.strip_prefix(WHITEOUT_PREFIX) {
-                // The directory holding a marker exists in this layer's tree (as a placeholder
-                // when undeclared), so assembly visits it. If this layer made it a file or a
-                // symlink, the marker is moot: that member replaces the lower path anyway.
-                match self.parent_dir(&parent, &shown) {
-                    Ok(_) => {}
-                    Err(LayerError::Refused { .. }) => {
-                        tracing::debug!(member = %shown, "whiteout under a non-directory is moot");
-                        return Ok(());
-                    }
-                    Err(e) => return Err(e),
-                }
-                if last == OPAQUE_MARKER {
-                    self.meta.opaque_dirs.insert(parent);
-                    return Ok(());
-                }
-                let target = RelPath::from_member_name(hidden)
-                    .ok()
-                    .filter(|t| t.depth() == 1)
-                    .ok_or_else(|| refused("whiteout of an empty, '.' or '..' name".into()))?;
-                self.meta
-                    .whiteouts
-                    .insert(parent.join(OsStr::from_bytes(target.as_bytes())));
-                return Ok(());
-            }
+        if self.marker(&path, &shown)? {
+            return Ok(());
         }
 
         let Some((parent, name)) = path.split_last() else {
@@ -263,27 +227,12 @@ impl Extractor {
             };
         }
 
-        // Whatever is there goes first (a directory stays for a directory): later members win,
-        // and a replaced name is unlinked, never written through.
-        // Records about the old occupant (a hardlink into a lower layer, a skipped device)
-        // go with it.
-        let existing = lstat_at(dir.as_fd(), &name).map_err(io_err("inspect"))?;
-        let dir_stays = m.kind == Kind::Dir && existing.as_ref().is_some_and(is_dir);
-        if !dir_stays {
-            if let Some(st) = existing {
-                if is_dir(&st) {
-                    self.parent_cache = None;
-                    self.dirs.retain(|k, _| !k.starts_with(&path));
-                }
-                remove_at(dir.as_fd(), &name).map_err(io_err("replace"))?;
-            }
-            self.meta.forget_below(&path);
-        }
+        let dir_stays = self.make_room(dir.as_fd(), &name, &path, m.kind, &shown)?;
         let attrs = self.attrs(m, &path, &shown)?;
 
         match m.kind {
             Kind::Dir => {
-                if !matches!(existing, Some(st) if is_dir(&st)) {
+                if !dir_stays {
                     mkdir_at(dir.as_fd(), &name, 0o700).map_err(io_err("create directory"))?;
                 }
                 self.meta.implicit_dirs.remove(&path);
@@ -320,6 +269,91 @@ impl Extractor {
             }
         }
         Ok(())
+    }
+
+    /// Whiteout and opaque markers become records, never files (`true`: `path` was one).
+    fn marker(&mut self, path: &RelPath, shown: &str) -> Result<bool, LayerError> {
+        let Some((parent, last)) = path.split_last() else {
+            return Ok(false);
+        };
+        let last = last.as_bytes();
+        if parent
+            .components()
+            .any(|c| c.as_bytes().starts_with(WHITEOUT_PREFIX))
+        {
+            return Err(self.refused(shown, "a whiteout name is used as a directory".into()));
+        }
+        if last.starts_with(AUFS_META_PREFIX) && last != OPAQUE_MARKER {
+            tracing::debug!(member = %shown, "skipping aufs metadata entry");
+            return Ok(true);
+        }
+        if let Some(hidden) = last.strip_prefix(WHITEOUT_PREFIX) {
+            // The directory holding a marker exists in this layer's tree (as a placeholder
+            // when undeclared), so assembly visits it. If this layer made it a file or a
+            // symlink, the marker is moot: that member replaces the lower path anyway.
+            match self.parent_dir(&parent, shown) {
+                Ok(_) => {}
+                Err(LayerError::Refused { .. }) => {
+                    tracing::debug!(member = %shown, "whiteout under a non-directory is moot");
+                    return Ok(true);
+                }
+                Err(e) => return Err(e),
+            }
+            if last == OPAQUE_MARKER {
+                self.meta.opaque_dirs.insert(parent);
+                return Ok(true);
+            }
+            let target = RelPath::from_member_name(hidden)
+                .ok()
+                .filter(|t| t.depth() == 1)
+                .ok_or_else(|| {
+                    self.refused(shown, "whiteout of an empty, '.' or '..' name".into())
+                })?;
+            self.meta
+                .whiteouts
+                .insert(parent.join(OsStr::from_bytes(target.as_bytes())));
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn refused(&self, shown: &str, reason: String) -> LayerError {
+        LayerError::Refused {
+            member: shown.to_string(),
+            reason,
+        }
+    }
+
+    /// Makes room for a member at `path` (`name` in `dir`): whatever is there goes (a
+    /// directory stays for a directory), unlinked, never written through, together with the
+    /// records about it (a hardlink into a lower layer, a skipped device). Returns whether a
+    /// directory stays.
+    fn make_room(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        path: &RelPath,
+        kind: Kind,
+        shown: &str,
+    ) -> Result<bool, LayerError> {
+        let io_err = |source| LayerError::Io {
+            op: "replace",
+            member: shown.to_string(),
+            source,
+        };
+        let existing = lstat_at(dir, name).map_err(io_err)?;
+        if kind == Kind::Dir && existing.as_ref().is_some_and(is_dir) {
+            return Ok(true);
+        }
+        if let Some(st) = existing {
+            if is_dir(&st) {
+                self.parent_cache = None;
+                self.dirs.retain(|k, _| !k.starts_with(path));
+            }
+            remove_at(dir, name).map_err(io_err)?;
+        }
+        self.meta.forget_below(path);
+        Ok(false)
     }
 
     fn attrs(&mut self, m: &Member, path: &RelPath, shown: &str) -> Result<Attrs, LayerError> {
