@@ -348,7 +348,15 @@ impl Extractor {
         if let Some(st) = existing {
             if is_dir(&st) {
                 self.parent_cache = None;
-                self.dirs.retain(|k, _| !k.starts_with(path));
+                self.dirs.remove(path);
+                let below: Vec<RelPath> = self
+                    .dirs
+                    .range(path.below())
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in below {
+                    self.dirs.remove(&k);
+                }
             }
             remove_at(dir, name).map_err(io_err)?;
         }
@@ -620,10 +628,19 @@ impl Extractor {
                     break;
                 }
             }
-            let below = |k: &RelPath| k.starts_with(path) && k != path;
             if !has_content
-                && !self.meta.external_hardlinks.keys().any(below)
-                && !self.meta.skipped_devices.keys().any(below)
+                && self
+                    .meta
+                    .external_hardlinks
+                    .range(path.below())
+                    .next()
+                    .is_none()
+                && self
+                    .meta
+                    .skipped_devices
+                    .range(path.below())
+                    .next()
+                    .is_none()
             {
                 self.meta.marker_dirs.insert(path.clone());
             } else {
