@@ -138,3 +138,60 @@ fn entry_count_limit() {
     assert!(msg.contains("more than 10 members"), "{msg}");
     assert_eq!(fs::read_dir(cache.home.layers_dir()).unwrap().count(), 0);
 }
+
+#[test]
+fn empty_layers() {
+    // The well-known empty gzip layer (1024 zero bytes) and a zero-byte tar.
+    for (media_type, raw) in [
+        (support::TAR_GZIP, vec![0u8; 1024]),
+        (support::TAR, Vec::new()),
+    ] {
+        let blob = if media_type == support::TAR_GZIP {
+            gzip(&raw)
+        } else {
+            raw.clone()
+        };
+        let cache = Cache::new();
+        let path = cache.tmp.path().join("blob");
+        fs::write(&path, &blob).unwrap();
+        let diff_id = Digest::of(&raw);
+        let digest = Digest::of(&blob);
+        cache
+            .storage
+            .ensure_layer(
+                &LayerBlob {
+                    path: &path,
+                    media_type,
+                    digest: &digest,
+                },
+                &diff_id,
+                &Limits::default(),
+            )
+            .unwrap_or_else(|e| panic!("{media_type}: {e}"));
+        let (root, r) = cache.assemble(std::slice::from_ref(&diff_id), AssembleMode::Link);
+        r.unwrap();
+        assert_eq!(fs::read_dir(&root).unwrap().count(), 0);
+    }
+}
+
+#[test]
+fn names_that_are_not_utf8() {
+    use std::os::unix::ffi::OsStrExt;
+    let latin1 = b"caf\xe9".to_vec();
+    let mut f = file("x", b"latin-1 name\n", 0o644);
+    f.name = [b"dir/".as_slice(), &latin1].concat();
+    let mut keep = file("y", b"keep\n", 0o644);
+    keep.name = [b"dir/keep-".as_slice(), &latin1].concat();
+    let cache = Cache::new();
+    let lower = cache.add_bytes(&tar_bytes(&[f, keep])).unwrap();
+    let mut wh = file("w", b"", 0o644);
+    wh.name = [b"dir/.wh.".as_slice(), &latin1].concat();
+    let upper = cache.add_bytes(&tar_bytes(&[wh])).unwrap();
+    let (root, r) = cache.assemble(&[lower.diff_id, upper.diff_id], AssembleMode::Copy);
+    r.unwrap();
+    let names: Vec<Vec<u8>> = fs::read_dir(root.join("dir"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().as_bytes().to_vec())
+        .collect();
+    assert_eq!(names, [[b"keep-".as_slice(), &latin1].concat()]);
+}

@@ -12,6 +12,32 @@
 //! then renamed into place in one step: a layer directory exists complete or not at all. When
 //! two processes race, the second rename fails and the loser throws its copy away. A layer
 //! already present is never extracted again.
+//!
+//! The blob's own (compressed) digest is the blob store's to verify; this module checks the
+//! uncompressed content against the diff_id.
+//!
+//! ```no_run
+//! use boxlite::home::Home;
+//! use boxlite::images::assemble::{assemble, AssembleMode};
+//! use boxlite::images::digest::Digest;
+//! use boxlite::images::storage::{ImageStorage, LayerBlob, Limits};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let home = Home::from_env()?;
+//! let storage = ImageStorage::new(&home);
+//! let digest: Digest = "sha256:9a15c322897b58d07ccb26a604a2d9d394ffe6cdb7f8dede294de39c151adb14".parse()?;
+//! let diff_id: Digest = "sha256:b48c0048a6d6c926b404f12ea331bdff3b85a9fd063ee187b341bcc88426de57".parse()?;
+//! let path = home.blobs_dir().join(digest.hex());
+//! let blob = LayerBlob {
+//!     path: &path,
+//!     media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+//!     digest: &digest,
+//! };
+//! let info = storage.ensure_layer(&blob, &diff_id, &Limits::default())?;
+//! println!("extracted now: {}", info.extracted);
+//! // Once every layer of the image is in: the rootfs, bottom layer first.
+//! assemble(&storage, &[diff_id], std::path::Path::new("/tmp/rootfs"), AssembleMode::Copy)?;
+//! # Ok(()) }
+//! ```
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -395,6 +421,18 @@ impl Staging {
                     // an interrupted removal): clear it and try once more.
                     tracing::warn!(path = %dest.display(), "removing an incomplete layer directory");
                     fsops::remove_tree(dest).map_err(io_err("remove", dest))?;
+                }
+                Err(nix::errno::Errno::EINVAL) => {
+                    // No RENAME_NOREPLACE here (some network filesystems): a plain rename
+                    // still refuses a non-empty destination, and a complete layer never is.
+                    match fs::rename(&self.path, dest) {
+                        Ok(()) => {
+                            self.done = true;
+                            return Ok(true);
+                        }
+                        Err(_) if dest.join(META_FILE).is_file() => return Ok(false),
+                        Err(e) => return Err(io_err("commit", dest)(e)),
+                    }
                 }
                 Err(e) => return Err(io_err("commit", dest)(fsops::errno_io(e))),
             }
