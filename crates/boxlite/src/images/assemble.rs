@@ -5,7 +5,9 @@
 //! Two modes. [`AssembleMode::Link`] hardlinks regular files from the cache (fast; the result is
 //! read by the base-image builder and never written): a cache inode is only ever linked, never
 //! chmod-ed or written through; a replaced name is unlinked first. [`AssembleMode::Copy`] copies
-//! everything, for a tree the user owns (`boxlite image unpack`).
+//! everything, for a tree the user owns (`boxlite image unpack`). A linked tree shares its
+//! inodes, setuid binaries included, with the cache: keep it where only its owner can reach it
+//! (the cache itself is mode 0700), and never write into it.
 //!
 //! The destination is shaped by hostile layers too, so every step acts on one name inside an
 //! open directory without following it. Two things do follow symlinks, always inside the root
@@ -324,7 +326,8 @@ impl<'a> LayerApply<'a> {
                     mode: dev.mode,
                     uid: dev.uid,
                     gid: dev.gid,
-                    ..Attrs::default()
+                    mtime: dev.mtime,
+                    xattrs: Vec::new(),
                 };
                 self.apply_at(dest, &name, false, &attrs, &path)?;
                 self.stats.special_files += 1;

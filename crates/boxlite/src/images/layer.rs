@@ -568,6 +568,7 @@ impl Extractor {
                         mode: attrs.mode,
                         uid: attrs.uid,
                         gid: attrs.gid,
+                        mtime: attrs.mtime,
                     },
                 );
                 return Ok(());

@@ -13,6 +13,11 @@
 //! two processes race, the second rename fails and the loser throws its copy away. A layer
 //! already present is never extracted again.
 //!
+//! Known shortcoming: a layer extracted without privileges keeps the extracting user as owner
+//! of its files (only the count of lost owners is in `layer.json`; device nodes and refused
+//! xattrs are recorded in full and applied by a later privileged assembly). Root reusing that
+//! home later gets those owners too; the layer is not re-extracted.
+//!
 //! The blob's own (compressed) digest is the blob store's to verify; this module checks the
 //! uncompressed content against the diff_id.
 //!

@@ -58,6 +58,9 @@ pub struct DeviceNode {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+    /// Seconds and nanoseconds since the epoch.
+    #[serde(default)]
+    pub mtime: (i64, u32),
 }
 
 /// An extended attribute that extraction could not set.
