@@ -478,3 +478,72 @@ const _: () = {
         check::<Limits>();
     }
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_with_one_file() -> Vec<u8> {
+        let mut header = tar::Header::new_ustar();
+        header.set_path("hello").unwrap();
+        header.set_size(3);
+        header.set_mode(0o644);
+        header.set_cksum();
+        let mut out = header.as_bytes().to_vec();
+        out.extend_from_slice(b"hi\n");
+        out.resize(out.len() + 509 + 1024, 0);
+        out
+    }
+
+    #[test]
+    fn stale_staging_from_dead_processes_is_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = Home::open(tmp.path()).unwrap();
+        let storage = ImageStorage::new(&home);
+        let hex = "0".repeat(64);
+        let dead = home.tmp_dir().join(format!("layer-{hex}-999999999-1"));
+        let alive = home
+            .tmp_dir()
+            .join(format!("layer-{hex}-{}-1", std::process::id()));
+        let other = home.tmp_dir().join("something-else");
+        for d in [&dead, &alive, &other] {
+            fs::create_dir_all(d.join("root/x")).unwrap();
+        }
+        assert_eq!(storage.clean_stale_staging().unwrap(), 1);
+        assert!(!dead.exists() && alive.exists() && other.exists());
+    }
+
+    #[test]
+    fn an_incomplete_layer_directory_is_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = Home::open(tmp.path()).unwrap();
+        let storage = ImageStorage::new(&home);
+        let tar = tar_with_one_file();
+        let diff_id = Digest::of(&tar);
+        // Left by something that is not us (no layer.json): not a layer.
+        fs::create_dir_all(storage.layer_root(&diff_id).join("junk")).unwrap();
+        assert!(!storage.has_layer(&diff_id));
+        let path = tmp.path().join("blob");
+        fs::write(&path, &tar).unwrap();
+        let blob = LayerBlob {
+            path: &path,
+            media_type: "application/vnd.oci.image.layer.v1.tar",
+            digest: &diff_id,
+        };
+        let info = storage
+            .ensure_layer(&blob, &diff_id, &Limits::default())
+            .unwrap();
+        assert!(info.extracted);
+        assert!(storage.layer_root(&diff_id).join("hello").is_file());
+        assert!(!storage.layer_root(&diff_id).join("junk").exists());
+        assert_eq!(
+            storage.list_layers().unwrap(),
+            std::slice::from_ref(&diff_id)
+        );
+
+        storage.remove_layer(&diff_id).unwrap();
+        assert!(!storage.has_layer(&diff_id));
+        assert_eq!(fs::read_dir(home.tmp_dir()).unwrap().count(), 0);
+        assert!(storage.list_layers().unwrap().is_empty());
+    }
+}
