@@ -428,6 +428,7 @@ impl<'a> LayerApply<'a> {
             .ok_or_else(|| self.conflict(path, "vanished from the layer cache".into()))?;
         let attrs = fsops::read_attrs_at(src_parent, name, &st)
             .map_err(self.io("read attributes of", path))?;
+        fsops::drop_unlisted_xattrs(dest_dir, &attrs).map_err(self.io("update", path))?;
         self.apply_fd(dest_dir, &attrs, path)
     }
 
@@ -442,6 +443,7 @@ impl<'a> LayerApply<'a> {
             .map_err(|e| self.io("inspect", path)(fsops::errno_io(e)))?;
         let attrs = fsops::read_attrs_at(src, std::ffi::OsStr::new("."), &st)
             .map_err(self.io("read attributes of", path))?;
+        fsops::drop_unlisted_xattrs(dest, &attrs).map_err(self.io("update", path))?;
         self.apply_fd(dest, &attrs, path)
     }
 

@@ -667,6 +667,7 @@ impl Extractor {
                 fd = open_dir_at(fd.as_fd(), comp).map_err(io_err)?;
             }
             let mut short = Shortfall::default();
+            fsops::drop_unlisted_xattrs(fd.as_fd(), attrs).map_err(io_err)?;
             apply_attrs_fd(fd.as_fd(), attrs, &mut short).map_err(io_err)?;
             self.record(path, short);
         }

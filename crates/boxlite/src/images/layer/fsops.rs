@@ -265,6 +265,24 @@ pub fn apply_attrs_fd(fd: BorrowedFd<'_>, attrs: &Attrs, short: &mut Shortfall) 
     nix::sys::stat::futimens(fd.as_raw_fd(), &t, &t).map_err(errno_io)
 }
 
+/// Removes the extended attributes of an open directory that `attrs` does not list: a declared
+/// directory that already existed gets exactly the layer's set, as a new one would (the
+/// host's `security.selinux` label stays).
+pub fn drop_unlisted_xattrs(fd: BorrowedFd<'_>, attrs: &Attrs) -> io::Result<()> {
+    let file = File::from(fd.try_clone_to_owned()?);
+    for name in xattr::FileExt::list_xattr(&file)? {
+        let listed = attrs.xattrs.iter().any(|(n, _)| *n == name);
+        if !listed && name != "security.selinux" {
+            match xattr::FileExt::remove_xattr(&file, &name) {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EPERM)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Applies `attrs` to `name` in `dir` that is a symlink, device node or FIFO (things we cannot
 /// open without side effects). `name` was just created by us in a tree only we write to.
 pub fn apply_attrs_at(
