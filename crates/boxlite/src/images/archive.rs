@@ -115,7 +115,6 @@ impl fmt::Display for LimitHit {
 impl std::error::Error for LimitHit {}
 
 /// The uncompressed bytes of one layer blob, counted, limited and hashed as they are read.
-/// `Send` (moved to a worker thread whole), not `Sync` (a reader is never shared).
 ///
 /// ```no_run
 /// # use boxlite::images::archive::{Compression, LayerStream};
@@ -127,7 +126,7 @@ impl std::error::Error for LimitHit {}
 /// # Ok(()) }
 /// ```
 pub struct LayerStream {
-    inner: Box<dyn Read + Send>,
+    inner: Box<dyn Read + Send + Sync>,
     digest: Digest,
     compression: Compression,
     hasher: Sha256,
@@ -170,7 +169,7 @@ impl LayerStream {
             }
             _ => declared,
         };
-        let inner: Box<dyn Read + Send> = match compression {
+        let inner: Box<dyn Read + Send + Sync> = match compression {
             Compression::None => Box::new(buffered),
             Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
             Compression::Zstd => Box::new(
@@ -244,6 +243,17 @@ impl Read for LayerStream {
         Ok(n)
     }
 }
+
+// Public types cross threads (extraction runs on workers).
+const _: () = {
+    fn check<T: Send + Sync>() {}
+    #[allow(dead_code)]
+    fn all() {
+        check::<LayerStream>();
+        check::<ArchiveError>();
+        check::<Compression>();
+    }
+};
 
 #[cfg(test)]
 mod tests {

@@ -173,6 +173,17 @@ fn assemble_into(
     Ok(stats)
 }
 
+// Public types cross threads.
+const _: () = {
+    fn check<T: Send + Sync>() {}
+    #[allow(dead_code)]
+    fn all() {
+        check::<AssembleMode>();
+        check::<AssembleStats>();
+        check::<AssembleError>();
+    }
+};
+
 /// Applying one layer onto the destination.
 struct LayerApply<'a> {
     diff_id: &'a DiffId,

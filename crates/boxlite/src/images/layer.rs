@@ -161,6 +161,18 @@ pub fn extract_layer<R: Read>(
     Ok(ex.meta)
 }
 
+// Public types cross threads.
+const _: () = {
+    fn check<T: Send + Sync>() {}
+    #[allow(dead_code)]
+    fn all() {
+        check::<LayerMeta>();
+        check::<LayerError>();
+        check::<ExtractOptions>();
+        check::<RelPath>();
+    }
+};
+
 struct Extractor {
     root: OwnedFd,
     meta: LayerMeta,
