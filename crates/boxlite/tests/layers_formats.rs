@@ -195,3 +195,41 @@ fn names_that_are_not_utf8() {
         .collect();
     assert_eq!(names, [[b"keep-".as_slice(), &latin1].concat()]);
 }
+
+#[test]
+fn progress_is_reported() {
+    use std::sync::Mutex;
+    let big: Vec<u8> = (0..12u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let tar = tar_bytes(&[file("big.bin", &big, 0o644)]);
+    let blob = gzip(&tar);
+    let cache = Cache::new();
+    let path = cache.tmp.path().join("blob");
+    fs::write(&path, &blob).unwrap();
+    let (digest, diff_id) = (Digest::of(&blob), Digest::of(&tar));
+    let seen = Mutex::new(Vec::new());
+    cache
+        .storage
+        .ensure_layer_with_progress(
+            &LayerBlob {
+                path: &path,
+                media_type: support::TAR_GZIP,
+                digest: &digest,
+            },
+            &diff_id,
+            &Limits::default(),
+            &|p| seen.lock().unwrap().push(p),
+        )
+        .unwrap();
+    let seen = seen.into_inner().unwrap();
+    assert!(seen.len() >= 3, "{seen:?}");
+    assert!(seen
+        .windows(2)
+        .all(|w| w[0].uncompressed <= w[1].uncompressed && w[0].blob_read <= w[1].blob_read));
+    let last = seen.last().unwrap();
+    assert_eq!(
+        (last.blob_read, last.blob_bytes, last.uncompressed),
+        (blob.len() as u64, blob.len() as u64, tar.len() as u64)
+    );
+}

@@ -7,7 +7,6 @@
 //! Everything streams: memory use is a few buffers whatever the blob expands to.
 
 use std::fmt;
-use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 
 use sha2::{Digest as _, Sha256};
@@ -147,12 +146,12 @@ impl fmt::Debug for LayerStream {
 }
 
 impl LayerStream {
-    /// Opens `blob` (whose digest is `digest`, used in errors) declared as `declared`
+    /// Opens `blob` (a file, or any reader over one; its digest `digest` is used in errors) declared as `declared`
     /// compression. When the blob is declared plain tar but starts with gzip or zstd magic, the
     /// magic wins (docker-save archives do this). Reading fails once more than `limit`
     /// uncompressed bytes came out.
     pub fn open(
-        blob: File,
+        blob: impl Read + Send + Sync + 'static,
         declared: Compression,
         digest: Digest,
         limit: u64,
@@ -258,6 +257,7 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
     use std::io::Write;
 
     fn digest() -> Digest {
