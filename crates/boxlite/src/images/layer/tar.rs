@@ -270,7 +270,12 @@ impl<R: Read> TarReader<R> {
             }
         };
         let archive_size = pax.size.unwrap_or(header_size);
-        let data_size = if kind == Kind::File { archive_size } else { 0 };
+        // A GNU dump directory ('D') carries a listing we skip; other non-files carry nothing.
+        let data_size = if kind == Kind::File || typeflag == b'D' {
+            archive_size
+        } else {
+            0
+        };
         let (dev_major, dev_minor) = match kind {
             Kind::CharDevice | Kind::BlockDevice => {
                 let major = header.device_major().map(|v| u64::from(v.unwrap_or(0)));
@@ -810,6 +815,23 @@ mod tests {
         let members = collect(&bytes).unwrap();
         assert_eq!(members.len(), 2);
         assert_eq!(members[1].1, b"abc");
+    }
+
+    #[test]
+    fn gnu_dump_directory_listing_is_skipped() {
+        let mut h = header("d/", EntryType::Directory, 6);
+        h.as_mut_bytes()[156] = b'D';
+        h.set_cksum();
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend_from_slice(b"Yf\0\0\0\0");
+        bytes.extend(vec![0u8; 506]);
+        bytes.extend_from_slice(header("d/f", EntryType::Regular, 2).as_bytes());
+        bytes.extend_from_slice(b"ok");
+        bytes.extend(vec![0u8; 510 + 1024]);
+        let members = collect(&bytes).unwrap();
+        assert_eq!(members[0].0.kind, Kind::Dir);
+        assert_eq!(members[1].0.name, b"d/f");
+        assert_eq!(members[1].1, b"ok");
     }
 
     #[test]
