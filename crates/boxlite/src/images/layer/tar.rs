@@ -18,6 +18,9 @@ const BLOCK: u64 = 512;
 /// Largest GNU long name, long link or pax record set accepted (real ones are < 10 KiB).
 pub const MAX_META: u64 = 1 << 20;
 
+/// Largest member size accepted (4 EiB; keeps block arithmetic far from overflow).
+const MAX_MEMBER_SIZE: u64 = 1 << 62;
+
 /// Most sparse-map entries accepted for one file.
 const MAX_SPARSE_ENTRIES: usize = 1 << 20;
 
@@ -186,6 +189,9 @@ impl<R: Read> TarReader<R> {
                 }
                 b'V' => {
                     // A volume label is not a file.
+                    if header_size > MAX_META {
+                        return Err(corrupt(offset, "oversized volume label"));
+                    }
                     self.skip(round_up(header_size))?;
                     continue;
                 }
@@ -270,6 +276,12 @@ impl<R: Read> TarReader<R> {
             }
         };
         let archive_size = pax.size.unwrap_or(header_size);
+        if archive_size > MAX_MEMBER_SIZE {
+            return Err(corrupt(
+                offset,
+                &format!("member size {archive_size} is absurd"),
+            ));
+        }
         // A GNU dump directory ('D') carries a listing we skip; other non-files carry nothing.
         let data_size = if kind == Kind::File || typeflag == b'D' {
             archive_size
@@ -480,6 +492,9 @@ impl<R: Read> TarReader<R> {
         real: u64,
         offset: u64,
     ) -> Result<(), TarError> {
+        if real > MAX_MEMBER_SIZE {
+            return Err(corrupt(offset, &format!("sparse size {real} is absurd")));
+        }
         let mut end = 0u64;
         let mut total = 0u64;
         for &(off, len) in &chunks {
