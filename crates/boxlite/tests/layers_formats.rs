@@ -233,3 +233,41 @@ fn progress_is_reported() {
         (blob.len() as u64, blob.len() as u64, tar.len() as u64)
     );
 }
+
+#[test]
+fn link_mode_copies_across_filesystems() {
+    use std::os::unix::fs::MetadataExt;
+    let shm = std::path::Path::new("/dev/shm");
+    let cache = Cache::new();
+    if !shm.is_dir()
+        || fs::metadata(shm).unwrap().dev() == fs::metadata(cache.tmp.path()).unwrap().dev()
+    {
+        panic!("needs /dev/shm on a filesystem other than the temporary directory's");
+    }
+    let info = cache
+        .add_bytes(&tar_bytes(&[
+            file("a", b"a\n", 0o640),
+            support::hardlink("b", "a"),
+        ]))
+        .unwrap();
+    let dest_parent = tempfile::tempdir_in(shm).unwrap();
+    let dest = dest_parent.path().join("rootfs");
+    let stats = boxlite::images::assemble::assemble(
+        &cache.storage,
+        &[info.diff_id],
+        &dest,
+        AssembleMode::Link,
+    )
+    .unwrap();
+    assert_eq!(stats.link_fallbacks, 2);
+    assert_eq!(
+        (stats.files_linked, stats.files_copied, stats.hardlinks),
+        (0, 1, 1)
+    );
+    assert_eq!(fs::read_to_string(dest.join("b")).unwrap(), "a\n");
+    assert_eq!(
+        fs::metadata(dest.join("a")).unwrap().ino(),
+        fs::metadata(dest.join("b")).unwrap().ino()
+    );
+    assert_eq!(fs::metadata(dest.join("a")).unwrap().mode() & 0o7777, 0o640);
+}

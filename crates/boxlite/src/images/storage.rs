@@ -361,6 +361,8 @@ impl ImageStorage {
     }
 
     /// Removes a layer from the cache (moved aside first, so it never looks half-present).
+    /// The caller makes sure no image still using it is being assembled; trees already
+    /// assembled in `Link` mode keep their inodes.
     pub fn remove_layer(&self, diff_id: &DiffId) -> Result<(), StorageError> {
         let dir = self.layer_dir(diff_id);
         let aside = self
