@@ -67,7 +67,8 @@ const STAGING_PREFIX: &str = "layer-";
 /// Bounds on what one layer may expand to.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Most uncompressed bytes (the tar stream) one layer may have.
+    /// Most uncompressed bytes (the tar stream) one layer may have; also the most file content
+    /// it may expand to (sparse files' holes count).
     pub max_uncompressed_bytes: u64,
     /// Most tar members one layer may have.
     pub max_entries: u64,
@@ -303,6 +304,7 @@ impl ImageStorage {
         )?;
         let options = ExtractOptions {
             max_entries: limits.max_entries,
+            max_content_bytes: limits.max_uncompressed_bytes,
         };
         let root = staging.join(ROOT_DIR);
         let mut reporting = ProgressReader {
