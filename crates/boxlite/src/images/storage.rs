@@ -131,6 +131,16 @@ pub enum StorageError {
         source: LayerError,
     },
     #[error(
+        "layer {digest}: member {member:?} would expand it past the limit of {limit} bytes \
+         ({limit_mib} MiB); refusing it (decompression bomb?)"
+    )]
+    TooLarge {
+        digest: Digest,
+        member: String,
+        limit: u64,
+        limit_mib: u64,
+    },
+    #[error(
         "layer {digest}: its uncompressed content has diff_id {actual}, but the image config \
          says {expected}; refusing it"
     )]
@@ -320,6 +330,14 @@ impl ImageStorage {
             Err(source) => {
                 if let Some(limit) = stream.limit_error() {
                     return Err(limit.into());
+                }
+                if let LayerError::TooLarge { member, limit } = source {
+                    return Err(StorageError::TooLarge {
+                        digest: blob.digest.clone(),
+                        member,
+                        limit,
+                        limit_mib: limit >> 20,
+                    });
                 }
                 return Err(StorageError::Extract {
                     digest: blob.digest.clone(),
