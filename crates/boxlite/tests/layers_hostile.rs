@@ -491,15 +491,17 @@ fn sparse_files_gnu_and_pax() {
         assert!(bytes.len() < 1 << 20, "{format}: tar itself is sparse");
         let cache = Cache::new();
         let info = cache.add_bytes(&bytes).unwrap();
-        let (root, r) = cache.assemble(&[info.diff_id], AssembleMode::Link);
-        r.unwrap();
-        let got = fs::read(root.join("sparse.img")).unwrap();
-        assert!(got == want, "{format}: sparse content differs");
-        let blocks = fs::metadata(root.join("sparse.img")).unwrap().blocks();
-        assert!(
-            blocks * 512 < 1 << 20,
-            "{format}: holes stay holes ({blocks} blocks)"
-        );
+        for mode in [AssembleMode::Link, AssembleMode::Copy] {
+            let (root, r) = cache.assemble(std::slice::from_ref(&info.diff_id), mode);
+            r.unwrap();
+            let got = fs::read(root.join("sparse.img")).unwrap();
+            assert!(got == want, "{format} {mode:?}: sparse content differs");
+            let blocks = fs::metadata(root.join("sparse.img")).unwrap().blocks();
+            assert!(
+                blocks * 512 < 1 << 20,
+                "{format} {mode:?}: holes stay holes ({blocks} blocks)"
+            );
+        }
     }
 }
 

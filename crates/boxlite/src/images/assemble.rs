@@ -496,9 +496,9 @@ impl<'a> LayerApply<'a> {
             self.stats.hardlinks += 1;
             return Ok(());
         }
-        let mut from = fsops::open_file_at(src, name).map_err(self.io("open", path))?;
-        let mut to = fsops::create_file_at(dest, name).map_err(self.io("create", path))?;
-        io::copy(&mut from, &mut to).map_err(self.io("copy", path))?;
+        let from = fsops::open_file_at(src, name).map_err(self.io("open", path))?;
+        let to = fsops::create_file_at(dest, name).map_err(self.io("create", path))?;
+        fsops::copy_sparse(&from, &to).map_err(self.io("copy", path))?;
         let attrs =
             fsops::read_attrs_at(src, name, st).map_err(self.io("read attributes of", path))?;
         self.apply_fd(to.as_fd(), &attrs, path)?;

@@ -385,6 +385,64 @@ pub fn create_file_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<File> {
     Ok(File::from(owned(raw)))
 }
 
+/// Copies `from` into the empty file `to`, keeping holes as holes (`SEEK_DATA`/`SEEK_HOLE`)
+/// and copying data in the kernel where it can (`copy_file_range`).
+pub fn copy_sparse(from: &File, to: &File) -> io::Result<()> {
+    use nix::unistd::{lseek, Whence};
+    let len = from.metadata()?.len();
+    let mut pos: i64 = 0;
+    let end = i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    while pos < end {
+        let data = match lseek(from.as_raw_fd(), pos, Whence::SeekData) {
+            Ok(offset) => offset,
+            Err(Errno::ENXIO) => break,
+            // No hole support: copy everything from here.
+            Err(Errno::EINVAL) => pos,
+            Err(e) => return Err(errno_io(e)),
+        };
+        let hole = match lseek(from.as_raw_fd(), data, Whence::SeekHole) {
+            Ok(offset) => offset.min(end),
+            Err(Errno::EINVAL) => end,
+            Err(e) => return Err(errno_io(e)),
+        };
+        copy_range(from, to, data, hole)?;
+        pos = hole;
+    }
+    to.set_len(len)
+}
+
+/// Copies bytes `[start, stop)` of `from` to the same offsets of `to`.
+fn copy_range(from: &File, to: &File, start: i64, stop: i64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let (mut off_in, mut off_out) = (start, start);
+    while off_in < stop {
+        let want = usize::try_from(stop - off_in)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        match nix::fcntl::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            Ok(_) => {}
+            Err(Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
+                let mut buf = vec![0u8; 1 << 20];
+                while off_in < stop {
+                    let want = usize::try_from(stop - off_in)
+                        .unwrap_or(usize::MAX)
+                        .min(buf.len());
+                    let n = from.read_at(&mut buf[..want], off_in as u64)?;
+                    if n == 0 {
+                        return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+                    }
+                    to.write_all_at(&buf[..n], off_in as u64)?;
+                    off_in += n as i64;
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(errno_io(e)),
+        }
+    }
+    Ok(())
+}
+
 /// Opens the regular file `name` in `dir` for reading, refusing symlinks.
 pub fn open_file_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<File> {
     let raw = nix::fcntl::openat(
