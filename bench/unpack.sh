@@ -58,6 +58,29 @@ for i in $(seq "$runs"); do
   t0=$(now); "$unpack" layout img out-link --home home --mode link >/dev/null; t1=$(now)
   link_times+=("$(sub "$t1" "$t0")")
 done
+# Same tree as umoci's? (paths, types, modes, owners, content, link targets, devices, xattrs,
+# mtimes, hardlink groups)
+python3 - ref/rootfs out out-link <<'PY'
+import hashlib, os, stat, sys
+def walk(root):
+    out, inodes = {}, {}
+    for dp, dns, fns in os.walk(root):
+        for n in dns + fns:
+            p = os.path.join(dp, n); rel = os.path.relpath(p, root); st = os.lstat(p)
+            x = sorted((k, os.getxattr(p, k, follow_symlinks=False)) for k in os.listxattr(p, follow_symlinks=False))
+            h = hashlib.sha256(open(p, "rb").read()).hexdigest() if stat.S_ISREG(st.st_mode) else None
+            if h: inodes.setdefault(st.st_ino, []).append(rel)
+            out[rel] = [st.st_mode, st.st_uid, st.st_gid, h, os.readlink(p) if stat.S_ISLNK(st.st_mode) else None,
+                        st.st_rdev, x, 0 if stat.S_ISLNK(st.st_mode) else st.st_mtime_ns, st.st_ino]
+    for k, v in out.items(): v[-1] = min(inodes.get(v[-1], [k])) if v[3] else None
+    return out
+ref = walk(sys.argv[1])
+for tree in sys.argv[2:]:
+    ours = walk(tree)
+    bad = sorted(k for k in set(ref) | set(ours) if ref.get(k) != ours.get(k))
+    print(f"check: {tree} vs umoci: {len(ours)} paths, {len(bad)} differences {bad[:5]}", file=sys.stderr)
+    if bad: sys.exit(1)
+PY
 rm -rf ref home out out-link
 
 u=$(printf '%s\n' "${umoci_times[@]}" | median)
