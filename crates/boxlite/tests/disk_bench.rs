@@ -32,7 +32,11 @@ fn timed(f: impl FnOnce()) -> Duration {
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn trees() -> Vec<(String, PathBuf)> {
@@ -63,14 +67,29 @@ fn bench_tree(name: &str, tree: &Path, scratch: &Path) {
             .arg(size.to_string())
             .arg(&floor_img));
         run(Command::new("mke2fs")
-            .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-N", &inodes.to_string(), "-d"])
+            .args([
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-b",
+                "4096",
+                "-N",
+                &inodes.to_string(),
+                "-d",
+            ])
             .arg(tree)
             .arg(&floor_img));
     });
     let _ = std::fs::remove_file(&floor_img);
 
     let erofs_img = scratch.join(format!("{name}.erofs"));
-    let erofs = timed(|| run(Command::new("mkfs.erofs").arg("-zlz4hc").arg(&erofs_img).arg(tree)));
+    let erofs = timed(|| {
+        run(Command::new("mkfs.erofs")
+            .arg("-zlz4hc")
+            .arg(&erofs_img)
+            .arg(tree))
+    });
     let erofs_size = allocated_bytes(&erofs_img);
     let _ = std::fs::remove_file(&erofs_img);
 
@@ -127,8 +146,8 @@ fn bench_tree(name: &str, tree: &Path, scratch: &Path) {
 #[test]
 #[ignore = "benchmark: run bench/disks.sh"]
 fn disk_bench() {
-    let scratch = tempfile::tempdir_in(std::env::var("BENCH_SCRATCH").unwrap_or("/tmp".into()))
-        .unwrap();
+    let scratch =
+        tempfile::tempdir_in(std::env::var("BENCH_SCRATCH").unwrap_or("/tmp".into())).unwrap();
     println!();
     println!("| tree | content | base build (boxlite) | mke2fs -d alone (floor) | mkfs.erofs lz4hc | base on host | box disk create (median of {RUNS}) | bytes per box after create | snapshot (median of 5) | clone (median of 5) |");
     println!("|---|---|---|---|---|---|---|---|---|---|");

@@ -373,7 +373,8 @@ impl Volumes {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         row(&tx, name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
         let mode = |rw| if rw { "read-write" } else { "read-only" };
-        for h in holders(&tx, name)? {
+        let current = holders(&tx, name)?;
+        for h in current.clone() {
             if h.box_id == box_id && h.read_write == read_write {
                 continue;
             }
@@ -390,9 +391,14 @@ impl Volumes {
         if read_write {
             refuse_if_backing(&tx, name, "it can only be attached read-only")?;
         }
-        // The chain must be safe to hand to QEMU.
+        // The chain must be safe to hand to QEMU; a volume nobody holds is also checked and
+        // cleared of leaks a crash left (with holders, a VM has it open and it was checked).
         let path = self.home.volume_dir(name).join(VOLUME_FILE);
-        qcow2::verify_chain(&path, ImageFormat::Qcow2).map_err(disk_err(name))?;
+        if current.is_empty() {
+            qcow2::check_and_repair_leaks(&path).map_err(disk_err(name))?;
+        } else {
+            qcow2::verify_chain(&path, ImageFormat::Qcow2).map_err(disk_err(name))?;
+        }
         tx.execute(
             "INSERT OR IGNORE INTO volume_leases (volume, box_id, read_write, acquired_at)
              VALUES (?1, ?2, ?3, ?4)",
