@@ -151,6 +151,17 @@ fn build_initramfs(work: &Path, init: &str) -> PathBuf {
         .status()
         .unwrap();
     assert!(status.success());
+    // Firmware tables sit at the top of RAM where QEMU places the initrd; an initrd whose size
+    // ends near a 4 KiB boundary gets clobbered (shared VM notes). Zero padding is skipped by
+    // the kernel's unpacker; make the size 1 past a boundary.
+    let len = std::fs::metadata(&out).unwrap().len();
+    let padded = (len / 4096 + 1) * 4096 + 1;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&out)
+        .unwrap()
+        .set_len(padded)
+        .unwrap();
     out
 }
 
@@ -222,7 +233,7 @@ impl Guest {
             "-initrd",
             initrd.to_str().unwrap(),
             "-append",
-            "console=ttyS0 panic=-1 quiet tsc_early_khz=2300000 rdinit=/init",
+            "console=ttyS0 panic=-1 loglevel=4 initramfs_async=0 tsc_early_khz=2300000 rdinit=/init",
         ]
         .iter()
         .map(|s| s.to_string())
