@@ -1,7 +1,8 @@
 //! A real guest uses what the volumes module hands out: a named volume (qcow2, attached by
 //! serial, formatted ext4 in the guest) killed with SIGKILL mid-write still passes
 //! `qemu-img check` and keeps what was synced; a virtiofs share is visible both ways and a
-//! read-only share refuses writes on the host side.
+//! read-only share refuses writes on the host side; a raw disk that looks like qcow2 (shared
+//! case 34) attached as raw stays raw in the guest.
 //!
 //! Boots Debian's kernel (`bash scripts/fetch-kernel.sh` → assets/kernel) under QEMU (TCG is
 //! fine) with a busybox initramfs built here. Needs qemu-system-x86, virtiofsd, busybox-static,
@@ -17,6 +18,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use boxlite::home::Home;
+use boxlite::rootfs::attach::{BlockTransport, DiskAttachment};
+use boxlite::rootfs::ImageFormat;
 use boxlite::volumes::virtiofs::{
     memory_backend_args, plan_share, ShareOptions, Transport, Virtiofsd,
 };
@@ -194,11 +197,18 @@ i=0
 while true; do
   dd if=/dev/urandom of=/mnt/vol/f$i bs=64k count=16 2>/dev/null
   i=$((i+1))
-  [ $((i % 8)) = 0 ] && sync
+  [ $((i % 8)) = 0 ] && sync && echo "SYNCED $i"
 done
 "#;
 
 const INIT_SECOND: &str = r#"
+for b in /sys/block/vd*; do
+  [ "$(cat $b/serial 2>/dev/null)" = "case34" ] && raw=/dev/${b##*/} && rawsys=$b
+done
+echo "RAW-SECTORS $(cat $rawsys/size)"
+echo "RAW-HEAD $(dd if=$raw bs=1 skip=1 count=2 2>/dev/null)"
+echo "RAW-MARK $(dd if=$raw bs=1 skip=1048576 count=7 2>/dev/null)"
+echo "RAW-5A $(dd if=$raw bs=64k 2>/dev/null | tr -d -c 'Z' | wc -c)"
 mount -t ext4 $dev /mnt/vol && echo VOL-MOUNTED
 echo "MARKER $(cat /mnt/vol/marker)"
 ls /mnt/vol | wc -l | sed 's/^/FILES /'
@@ -336,15 +346,14 @@ fn guest_volume_survives_sigkill_and_virtiofs_works_both_ways() {
     .unwrap();
 
     let drive = |path: &Path, serial: &str| -> Vec<String> {
-        vec![
-            "-drive".into(),
-            format!(
-                "file={},format=qcow2,if=none,id=vol0,cache=writeback",
-                path.display()
-            ),
-            "-device".into(),
-            format!("virtio-blk-pci,drive=vol0,serial={serial}"),
-        ]
+        DiskAttachment {
+            path,
+            format: lease.format(),
+            id: "vol0",
+            serial,
+            read_only: false,
+        }
+        .qemu_args(BlockTransport::Pci)
     };
     let mut extra = memory_backend_args(MEM_MIB, true);
     extra.extend(fs0.qemu_args(0, Transport::Pci));
@@ -363,7 +372,9 @@ fn guest_volume_survives_sigkill_and_virtiofs_works_both_ways() {
     assert_eq!(guest.expect("RO-", boot), "RO-ENFORCED");
     guest.expect("VOL-MOUNTED", boot);
     guest.expect("WRITING", boot);
-    std::thread::sleep(Duration::from_secs(3));
+    // Two rounds of 8 MiB synced, then kill while the third round is being written.
+    guest.expect("SYNCED 16", boot);
+    std::thread::sleep(Duration::from_millis(700));
     guest.kill();
 
     assert_eq!(
@@ -382,12 +393,42 @@ fn guest_volume_survives_sigkill_and_virtiofs_works_both_ways() {
     drop(fs1);
 
     // Second boot: the journal replays and what was synced is there.
+    // Shared case 34, the attach side: a raw disk whose first sector looks like qcow2 (naming a
+    // host file of 0x5A bytes as its backing file) is attached as raw and stays raw.
+    let case34 = work.join("case34");
+    let sentinel = work.join("sentinel");
+    std::fs::create_dir_all(&sentinel).unwrap();
+    std::fs::write(sentinel.join("secret"), vec![0x5a; 2 << 20]).unwrap();
+    generate_case("34-", &case34, &[sentinel.to_str().unwrap()]);
+    let mut extra = drive(&lease.path, &lease.serial);
+    extra.extend(
+        DiskAttachment {
+            path: &case34.join("base.raw"),
+            format: ImageFormat::Raw,
+            id: "case34",
+            serial: "case34",
+            read_only: true,
+        }
+        .qemu_args(BlockTransport::Pci),
+    );
+
     let second = build_initramfs(&work.join("second"), &(head + INIT_SECOND));
-    let mut guest = Guest::boot(&second, &drive(&lease.path, &lease.serial));
+    let mut guest = Guest::boot(&second, &extra);
+    assert_eq!(guest.expect("RAW-SECTORS", boot), "RAW-SECTORS 4096");
+    assert_eq!(guest.expect("RAW-HEAD", boot), "RAW-HEAD FI");
+    assert_eq!(guest.expect("RAW-MARK", boot), "RAW-MARK RAWMARK");
+    assert_eq!(
+        guest.expect("RAW-5A", boot),
+        "RAW-5A 0",
+        "no byte of the host secret"
+    );
     guest.expect("VOL-MOUNTED", boot);
     assert_eq!(guest.expect("MARKER", boot), "MARKER persisted");
     let files: u32 = guest.expect("FILES", boot)[6..].trim().parse().unwrap();
-    assert!(files >= 2, "marker and data files: {files}");
+    assert!(
+        files >= 17,
+        "the marker and 16 synced files survive: {files}"
+    );
     guest.expect("VOL-UNMOUNTED", boot);
     guest.wait_poweroff(Duration::from_secs(30));
     assert_check_clean(&lease.path);

@@ -4,11 +4,13 @@
 //! - [`qemu_img`]: running `qemu-img`/`qemu-io` and parsing their JSON.
 //! - [`chain`]: walking a backing chain safely (loops, depth, unrecorded formats).
 //! - [`qcow2`]: overlays, checks, growth, internal snapshots, flattening.
+//! - [`attach`]: QEMU arguments for a disk, format always explicit.
 //! - [`base`]: the shared read-only base disk of an image (ext4, raw).
 //! - [`disk`]: the disk of one Box: overlay, snapshots, clone.
 //! - [`gc`]: unreferenced base disks and layers, space usage.
 //! - [`size`]: human sizes (`512M`, `10G`).
 
+pub mod attach;
 pub mod base;
 pub mod chain;
 pub mod disk;
