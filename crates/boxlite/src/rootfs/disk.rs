@@ -266,8 +266,11 @@ impl BoxDisk {
             copy_own_writes(&self.path, &target).map_err(new_wrap)?;
         } else {
             let layer = self.freeze(home)?;
-            qcow2::create_overlay(&target, &layer, ImageFormat::Qcow2, Some(size))
-                .map_err(new_wrap)?;
+            if let Err(e) = qcow2::create_overlay(&target, &layer, ImageFormat::Qcow2, Some(size)) {
+                // Nothing uses the layer yet: undo the freeze.
+                let _ = std::fs::remove_file(&layer);
+                return Err(new_wrap(e));
+            }
             self.replace_with_overlay(&layer, size)?;
         }
         let clone = BoxDisk {
