@@ -147,6 +147,7 @@ pub fn ensure_base(home: &Home, image_id: &str, rootfs: &Path) -> Result<BaseDis
         });
     }
 
+    remove_stale_builds(home, stem);
     let started = Instant::now();
     let tmp = home
         .tmp_dir()
@@ -173,6 +174,22 @@ pub fn ensure_base(home: &Home, image_id: &str, rootfs: &Path) -> Result<BaseDis
         size,
         built: true,
     })
+}
+
+/// Removes what a builder of this image that crashed left under `tmp/` (we hold the image's
+/// lock, so no other builder of it is running).
+fn remove_stale_builds(home: &Home, stem: &str) {
+    let prefix = format!("rootfs-{stem}-");
+    let Ok(entries) = std::fs::read_dir(home.tmp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&prefix) {
+            tracing::debug!(file = %name, "removing a stale base disk build");
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 struct RemoveOnDrop(PathBuf);
