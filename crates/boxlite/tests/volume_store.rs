@@ -101,6 +101,13 @@ fn state_survives_reopening_and_stale_folders_are_cleared() {
     assert_check_clean(&home.volume_dir("half").join("volume.qcow2"));
     let names: Vec<_> = vols.list().unwrap().into_iter().map(|v| v.name).collect();
     assert_eq!(names, ["half", "keep"]);
+
+    // The runtime sweeps leases of Boxes that no longer run.
+    vols.acquire("half", "b2", false).unwrap();
+    let released = vols.release_stale(&["b2"]).unwrap();
+    assert_eq!(released, [("keep".to_string(), "b1".to_string())]);
+    assert!(vols.get("keep").unwrap().in_use_by.is_empty());
+    assert_eq!(vols.get("half").unwrap().in_use_by.len(), 1);
 }
 
 #[test]

@@ -423,6 +423,33 @@ impl Volumes {
         Ok(())
     }
 
+    /// Ends the holds of every Box not in `live_boxes` (Boxes that were removed, or whose shim
+    /// died without releasing). Returns the `(volume, box id)` pairs released.
+    pub fn release_stale(&mut self, live_boxes: &[&str]) -> Result<Vec<(String, String)>> {
+        let tx = self
+            .db
+            .conn_mut()
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let all: Vec<(String, String)> = {
+            let mut stmt = tx.prepare("SELECT volume, box_id FROM volume_leases")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let stale: Vec<(String, String)> = all
+            .into_iter()
+            .filter(|(_, b)| !live_boxes.contains(&b.as_str()))
+            .collect();
+        for (volume, box_id) in &stale {
+            tx.execute(
+                "DELETE FROM volume_leases WHERE volume = ?1 AND box_id = ?2",
+                params![volume, box_id],
+            )?;
+            tracing::info!(volume, box_id, "released a stale volume lease");
+        }
+        tx.commit()?;
+        Ok(stale)
+    }
+
     /// Ends every hold of `box_id` (when the Box stops or its shim died).
     pub fn release_box(&mut self, box_id: &str) -> Result<()> {
         self.db
