@@ -9,6 +9,12 @@
 //! unless the tree had one. ext4 raw is the format because the Box root must be writable through
 //! the overlay and grow online (`resize2fs` in the guest); EROFS, though smaller, is read-only.
 //!
+//! Known shortcoming: `mke2fs -d` (e2fsprogs 1.47.0, and 1.47.2 alike) inserts each entry by
+//! scanning its folder, so a folder of n entries costs O(n²): 10 000 files in one folder take
+//! ~14 s here against 0.8 s for the same files spread over 100 folders. Most images build in
+//! seconds; a tree with huge folders builds slowly (once per image) until the tool improves or
+//! the base is built another way (e.g. writing into a mounted filesystem where that is allowed).
+//!
 //! Builds are atomic (made under `tmp/`, renamed into place) and concurrent-safe: an exclusive
 //! lock on `images/rootfs/<id>.lock` makes two creators build once; the second finds the file.
 
