@@ -278,7 +278,13 @@ fn build_ext4(image_id: &str, rootfs: &Path, out: &Path) -> Result<u64> {
     }
     let usage = measure_tree(rootfs)?;
     let (size, inodes) = plan_size(&usage);
-    tracing::debug!(image_id, ?usage, size, inodes, "planning base disk");
+    tracing::info!(
+        image_id,
+        files = usage.inodes,
+        content_mib = usage.file_bytes >> 20,
+        size_mib = size >> 20,
+        "building base disk (once per image)"
+    );
 
     let file = File::create(out).map_err(io_err("create", out))?;
     file.set_len(size).map_err(io_err("size", out))?;
