@@ -21,13 +21,21 @@ fn umoci_tree(layout: &Path, tag: &str, work: &Path) -> Vec<treecmp::Entry> {
         .arg(&bundle)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     treecmp::manifest(&bundle.join("rootfs"))
 }
 
 fn skopeo(args: &[&str]) {
     let out = Command::new("skopeo").args(args).output().unwrap();
-    assert!(out.status.success(), "skopeo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "skopeo {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn assert_same_tree(expected: &[treecmp::Entry], dir: &Path, what: &str) {
@@ -39,7 +47,11 @@ fn assert_same_tree(expected: &[treecmp::Entry], dir: &Path, what: &str) {
             ..Default::default()
         },
     );
-    assert!(differences.is_empty(), "{what}:\n{}", differences.join("\n"));
+    assert!(
+        differences.is_empty(),
+        "{what}:\n{}",
+        differences.join("\n")
+    );
 }
 
 #[test]
@@ -75,9 +87,18 @@ fn imports_layouts_oci_archives_and_docker_saves() {
             Some("local/app:dir"),
         )
         .unwrap();
-    assert_eq!(from_dir.id.to_string(), manifest["config"]["digest"].as_str().unwrap());
-    assert_eq!(from_dir.manifest_digest.to_string(), desc["digest"].as_str().unwrap());
-    assert_eq!(from_dir.references, vec!["docker.io/local/app:dir".to_string()]);
+    assert_eq!(
+        from_dir.id.to_string(),
+        manifest["config"]["digest"].as_str().unwrap()
+    );
+    assert_eq!(
+        from_dir.manifest_digest.to_string(),
+        desc["digest"].as_str().unwrap()
+    );
+    assert_eq!(
+        from_dir.references,
+        vec!["docker.io/local/app:dir".to_string()]
+    );
     let dest = work.path().join("dir");
     images.unpack("local/app:dir", &dest).unwrap();
     assert_same_tree(&expected, &dest, "import of an OCI layout");
@@ -102,7 +123,10 @@ fn imports_layouts_oci_archives_and_docker_saves() {
         "copy",
         "--quiet",
         &imgs.source("app"),
-        &format!("docker-archive:{}:example.com/team/app:saved", saved.display()),
+        &format!(
+            "docker-archive:{}:example.com/team/app:saved",
+            saved.display()
+        ),
     ]);
     let from_save = images.import(&saved, None).unwrap();
     assert_eq!(from_save.id, from_dir.id, "same config bytes, same image");
@@ -128,9 +152,7 @@ fn imports_layouts_oci_archives_and_docker_saves() {
         .all(|l| l.media_type == "application/vnd.docker.image.rootfs.diff.tar"));
     assert_eq!(from_save.config.cmd, from_dir.config.cmd);
     let dest = work.path().join("saved");
-    images
-        .unpack("example.com/team/app:saved", &dest)
-        .unwrap();
+    images.unpack("example.com/team/app:saved", &dest).unwrap();
     assert_same_tree(&expected, &dest, "import of a docker save archive");
 
     // The same layers were extracted once for all three imports.

@@ -412,7 +412,12 @@ impl Ctx<'_> {
                         path: self.path.to_path_buf(),
                         reason: format!(
                             "no image named {name:?} in the layout (names: {})",
-                            index.manifests.iter().filter_map(ref_name).collect::<Vec<_>>().join(", ")
+                            index
+                                .manifests
+                                .iter()
+                                .filter_map(ref_name)
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
                     })?,
             ),
