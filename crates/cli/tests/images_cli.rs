@@ -490,3 +490,80 @@ fn import_docker_save_and_unpack() {
         .iter()
         .any(|r| r["id"] == id.as_str() && r["references"][0] == "docker.io/mine/layout:1"));
 }
+
+#[test]
+fn docker_config_auths_and_credential_helpers() {
+    let imgs = testimages::build();
+    let reg = Registry::start(Auth::Basic {
+        user: "tester".into(),
+        password: "s3cret-pass".into(),
+    });
+    reg.push(&imgs.source("base"), "dc/busybox:1", &[]);
+    let reference = format!("{}/dc/busybox:1", reg.host());
+    let work = tempfile::tempdir().unwrap();
+
+    // `auths` with base64 user:password.
+    let docker = work.path().join("docker-auths");
+    std::fs::create_dir(&docker).unwrap();
+    std::fs::write(
+        docker.join("config.json"),
+        format!(
+            r#"{{"auths":{{"http://{}":{{"auth":"dGVzdGVyOnMzY3JldC1wYXNz"}}}}}}"#,
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let home = tempfile::tempdir().unwrap();
+    run(boxlite(home.path())
+        .env("DOCKER_CONFIG", &docker)
+        .args(["pull", "-q", &reference]));
+
+    // `credHelpers` naming a docker-credential-* program on PATH.
+    let bin = work.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let helper = bin.join("docker-credential-boxtest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread server\necho \"$server\" > {}\n\
+             echo '{{\"ServerURL\":\"'$server'\",\"Username\":\"tester\",\"Secret\":\"s3cret-pass\"}}'\n",
+            work.path().join("asked").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let docker = work.path().join("docker-helpers");
+    std::fs::create_dir(&docker).unwrap();
+    std::fs::write(
+        docker.join("config.json"),
+        format!(r#"{{"credHelpers":{{"{}":"boxtest"}}}}"#, reg.host()),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let home = tempfile::tempdir().unwrap();
+    run(boxlite(home.path())
+        .env("DOCKER_CONFIG", &docker)
+        .env("PATH", &path)
+        .args(["pull", "-q", &reference]));
+    let asked = std::fs::read_to_string(work.path().join("asked")).unwrap();
+    assert_eq!(asked.trim(), reg.host());
+
+    // A helper that fails is reported by name.
+    std::fs::write(&helper, "#!/bin/sh\necho 'helper broke' >&2\nexit 3\n").unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let out = boxlite(home.path())
+        .env("DOCKER_CONFIG", &docker)
+        .env("PATH", &path)
+        .args(["pull", "-q", &reference])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("docker-credential-boxtest") && err.contains("helper broke"),
+        "{err}"
+    );
+}
