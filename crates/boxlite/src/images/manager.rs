@@ -623,3 +623,34 @@ fn remove_path(path: &Path) -> Result<()> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The public image types can be shared across threads, as the runtime does.
+    #[test]
+    fn public_types_are_send_and_sync() {
+        fn check<T: Send + Sync + std::fmt::Debug>() {}
+        check::<ImageManager>();
+        check::<ImageRecord>();
+        check::<PruneReport>();
+        check::<ImageError>();
+        check::<PullReport>();
+        check::<PullOptions>();
+        check::<Reference>();
+        check::<ImageStore>();
+        check::<RegistryClient>();
+        check::<CredentialStore>();
+        check::<ImageSettings>();
+    }
+
+    #[test]
+    fn records_keep_loading_with_unknown_fields() {
+        let json = r#"{"id":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            "manifest_digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            "diff_ids":[],"layers":[],"size":0,"created_at":1,"added_later":{"x":1}}"#;
+        let record: ImageRecord = serde_json::from_str(json).unwrap();
+        assert!(record.references.is_empty() && record.blobs.is_empty());
+    }
+}
