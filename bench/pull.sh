@@ -79,16 +79,16 @@ for i in $(seq "$runs"); do
   t1=$(now)
   skopeo copy --quiet --src-tls-verify=false "docker://$ref" "oci:$work/oci-$i:x"
   t2=$(now)
-  echo "$t1 - $t0" | bc -l >>"$work/boxlite.times"
-  echo "$t2 - $t1" | bc -l >>"$work/skopeo.times"
+  awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}' >>"$work/boxlite.times"
+  awk -v a="$t1" -v b="$t2" 'BEGIN {print b - a}' >>"$work/skopeo.times"
   rm -rf "$home" "$work/oci-$i"
 done
 b=$(median <"$work/boxlite.times")
 s=$(median <"$work/skopeo.times")
 
 printf '\nbookworm minbase: %s MB in the registry, %s runs, median seconds\n\n' \
-  "$(echo "$size / 1000000" | bc)" "$runs"
+  "$(awk -v s="$size" 'BEGIN {printf "%.1f", s / 1e6}')" "$runs"
 printf '%-48s %10s\n' "command" "seconds"
 printf '%-48s %10.3f\n' "boxlite pull (download, verify, extract)" "$b"
 printf '%-48s %10.3f\n' "skopeo copy docker:// oci: (download, verify)" "$s"
-printf '%-48s %10.2f\n' "ratio boxlite / skopeo" "$(echo "$b / $s" | bc -l)"
+printf '%-48s %10.2f\n' "ratio boxlite / skopeo" "$(awk -v b="$b" -v s="$s" 'BEGIN {print b / s}')"
