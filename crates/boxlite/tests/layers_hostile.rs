@@ -532,3 +532,101 @@ fn concurrent_ensure_extracts_once() {
         0o700
     );
 }
+
+#[test]
+fn a_later_member_replaces_a_hardlink_into_a_lower_layer() {
+    for mode in [AssembleMode::Link, AssembleMode::Copy] {
+        let cache = Cache::new();
+        let (root, r) = stack(
+            &cache,
+            &[
+                vec![file("base", b"lower\n", 0o644)],
+                vec![
+                    hardlink("x", "base"),
+                    file("x", b"the later member\n", 0o644),
+                ],
+            ],
+            mode,
+        );
+        r.unwrap();
+        assert_eq!(
+            fs::read_to_string(root.join("x")).unwrap(),
+            "the later member\n"
+        );
+        assert_eq!(fs::read_to_string(root.join("base")).unwrap(), "lower\n");
+        assert_ne!(
+            fs::metadata(root.join("x")).unwrap().ino(),
+            fs::metadata(root.join("base")).unwrap().ino()
+        );
+    }
+}
+
+#[test]
+fn overlayfs_xattrs_are_recorded_not_applied() {
+    let mut f = file("etc/x", b"x", 0o644);
+    f.pax
+        .push(("SCHILY.xattr.trusted.overlay.opaque".into(), b"y".to_vec()));
+    f.pax
+        .push(("SCHILY.xattr.user.fine".into(), b"ok".to_vec()));
+    let cache = Cache::new();
+    let info = cache.add_bytes(&tar_bytes(&[f])).unwrap();
+    let meta = cache.storage.read_meta(&info.diff_id).unwrap();
+    let skipped: Vec<(String, String)> = meta
+        .skipped_xattrs
+        .iter()
+        .flat_map(|(p, xs)| xs.iter().map(move |x| (p.to_string(), x.name.clone())))
+        .collect();
+    assert_eq!(
+        skipped,
+        [("etc/x".to_string(), "trusted.overlay.opaque".to_string())]
+    );
+    let (root, r) = cache.assemble(&[info.diff_id], AssembleMode::Copy);
+    r.unwrap();
+    assert_eq!(
+        xattr::get(root.join("etc/x"), "trusted.overlay.opaque").unwrap(),
+        None
+    );
+    assert_eq!(
+        xattr::get(root.join("etc/x"), "user.fine")
+            .unwrap()
+            .as_deref(),
+        Some(&b"ok"[..])
+    );
+}
+
+#[test]
+fn many_placeholder_directories_links_and_replacements() {
+    // Undeclared directories, each file then replaced, and hardlinks into a lower layer, in
+    // numbers: every record must be right. (The cost of record keeping is covered by the
+    // `forget_below` unit test; wall time here is the filesystem's.)
+    let n = 500;
+    let mut members = Vec::with_capacity(3 * n);
+    for i in 0..n {
+        members.push(file(&format!("d{i}/f"), b"1", 0o644));
+    }
+    for i in 0..n {
+        members.push(hardlink(&format!("d{i}/g"), "lower"));
+        members.push(file(&format!("d{i}/f"), b"2", 0o644));
+    }
+    let cache = Cache::new();
+    let base = cache
+        .add_bytes(&tar_bytes(&[file("lower", b"lower\n", 0o644)]))
+        .unwrap();
+    let info = cache.add_bytes(&tar_bytes(&members)).unwrap();
+    let meta = cache.storage.read_meta(&info.diff_id).unwrap();
+    assert_eq!(meta.external_hardlinks.len(), n);
+    assert_eq!(meta.implicit_dirs.len(), n + 1);
+    assert!(meta.marker_dirs.is_empty());
+    let (root, r) = cache.assemble(&[base.diff_id, info.diff_id], AssembleMode::Link);
+    r.unwrap();
+    for i in [0, n / 2, n - 1] {
+        assert_eq!(
+            fs::read_to_string(root.join(format!("d{i}/f"))).unwrap(),
+            "2"
+        );
+        assert_eq!(
+            fs::metadata(root.join(format!("d{i}/g"))).unwrap().ino(),
+            fs::metadata(root.join("lower")).unwrap().ino()
+        );
+    }
+}

@@ -50,6 +50,10 @@ fn matches_umoci_unpack() {
         xattrs: true,
         ignore_xattr_prefixes: vec![],
     };
+    let cache_before: Vec<_> = ids
+        .iter()
+        .map(|d| manifest(&cache.storage.layer_root(d)))
+        .collect();
     for mode in [AssembleMode::Copy, AssembleMode::Link] {
         let (root, stats) = cache.assemble(&ids, mode);
         let stats = stats.unwrap();
@@ -61,6 +65,23 @@ fn matches_umoci_unpack() {
             "{mode:?}: {} differences from umoci unpack (left: boxlite, right: umoci):\n{}",
             differences.len(),
             differences.join("\n")
+        );
+    }
+    // Link mode shares inodes with the cache and must never have changed one.
+    for (d, before) in ids.iter().zip(&cache_before) {
+        let after = manifest(&cache.storage.layer_root(d));
+        let changed = diff(
+            &after,
+            before,
+            &Compare {
+                root_attrs: true,
+                ..cmp.clone()
+            },
+        );
+        assert!(
+            changed.is_empty(),
+            "layer cache {d} changed:\n{}",
+            changed.join("\n")
         );
     }
     // A second image with the same layers extracts nothing.

@@ -5,7 +5,9 @@
 //! Two modes. [`AssembleMode::Link`] hardlinks regular files from the cache (fast; the result is
 //! read by the base-image builder and never written): a cache inode is only ever linked, never
 //! chmod-ed or written through; a replaced name is unlinked first. [`AssembleMode::Copy`] copies
-//! everything, for a tree the user owns (`boxlite image unpack`).
+//! everything, for a tree the user owns (`boxlite image unpack`). A linked tree shares its
+//! inodes, setuid binaries included, with the cache: keep it where only its owner can reach it
+//! (the cache itself is mode 0700), and never write into it.
 //!
 //! The destination is shaped by hostile layers too, so every step acts on one name inside an
 //! open directory without following it. Two things do follow symlinks, always inside the root
@@ -309,11 +311,6 @@ impl<'a> LayerApply<'a> {
             }
         }
 
-        if let Some(links) = self.external.get(rel).cloned() {
-            for (name, target) in links {
-                self.external_link(&rel.join(&name), dest, &name, target)?;
-            }
-        }
         if let Some(devices) = self.devices.get(rel).cloned() {
             for (name, dev) in devices {
                 let path = rel.join(&name);
@@ -329,10 +326,19 @@ impl<'a> LayerApply<'a> {
                     mode: dev.mode,
                     uid: dev.uid,
                     gid: dev.gid,
-                    ..Attrs::default()
+                    mtime: dev.mtime,
+                    xattrs: Vec::new(),
                 };
                 self.apply_at(dest, &name, false, &attrs, &path)?;
                 self.stats.special_files += 1;
+            }
+        }
+        // Hardlinks into lower layers last: their targets may be the nodes above. (A target
+        // this layer replaces resolves to the new file, although a tar read in order would link
+        // the old one when the link comes first; no known builder writes that.)
+        if let Some(links) = self.external.get(rel).cloned() {
+            for (name, target) in links {
+                self.external_link(&rel.join(&name), dest, &name, target)?;
             }
         }
         Ok(())

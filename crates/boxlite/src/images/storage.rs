@@ -12,6 +12,37 @@
 //! then renamed into place in one step: a layer directory exists complete or not at all. When
 //! two processes race, the second rename fails and the loser throws its copy away. A layer
 //! already present is never extracted again.
+//!
+//! Known shortcoming: a layer extracted without privileges keeps the extracting user as owner
+//! of its files (only the count of lost owners is in `layer.json`; device nodes and refused
+//! xattrs are recorded in full and applied by a later privileged assembly). Root reusing that
+//! home later gets those owners too; the layer is not re-extracted.
+//!
+//! The blob's own (compressed) digest is the blob store's to verify; this module checks the
+//! uncompressed content against the diff_id.
+//!
+//! ```no_run
+//! use boxlite::home::Home;
+//! use boxlite::images::assemble::{assemble, AssembleMode};
+//! use boxlite::images::digest::Digest;
+//! use boxlite::images::storage::{ImageStorage, LayerBlob, Limits};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let home = Home::from_env()?;
+//! let storage = ImageStorage::new(&home);
+//! let digest: Digest = "sha256:9a15c322897b58d07ccb26a604a2d9d394ffe6cdb7f8dede294de39c151adb14".parse()?;
+//! let diff_id: Digest = "sha256:b48c0048a6d6c926b404f12ea331bdff3b85a9fd063ee187b341bcc88426de57".parse()?;
+//! let path = home.blobs_dir().join(digest.hex());
+//! let blob = LayerBlob {
+//!     path: &path,
+//!     media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+//!     digest: &digest,
+//! };
+//! let info = storage.ensure_layer(&blob, &diff_id, &Limits::default())?;
+//! println!("extracted now: {}", info.extracted);
+//! // Once every layer of the image is in: the rootfs, bottom layer first.
+//! assemble(&storage, &[diff_id], std::path::Path::new("/tmp/rootfs"), AssembleMode::Copy)?;
+//! # Ok(()) }
+//! ```
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -396,6 +427,18 @@ impl Staging {
                     tracing::warn!(path = %dest.display(), "removing an incomplete layer directory");
                     fsops::remove_tree(dest).map_err(io_err("remove", dest))?;
                 }
+                Err(nix::errno::Errno::EINVAL) => {
+                    // No RENAME_NOREPLACE here (some network filesystems): a plain rename
+                    // still refuses a non-empty destination, and a complete layer never is.
+                    match fs::rename(&self.path, dest) {
+                        Ok(()) => {
+                            self.done = true;
+                            return Ok(true);
+                        }
+                        Err(_) if dest.join(META_FILE).is_file() => return Ok(false),
+                        Err(e) => return Err(io_err("commit", dest)(e)),
+                    }
+                }
                 Err(e) => return Err(io_err("commit", dest)(fsops::errno_io(e))),
             }
         }
@@ -435,3 +478,72 @@ const _: () = {
         check::<Limits>();
     }
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_with_one_file() -> Vec<u8> {
+        let mut header = tar::Header::new_ustar();
+        header.set_path("hello").unwrap();
+        header.set_size(3);
+        header.set_mode(0o644);
+        header.set_cksum();
+        let mut out = header.as_bytes().to_vec();
+        out.extend_from_slice(b"hi\n");
+        out.resize(out.len() + 509 + 1024, 0);
+        out
+    }
+
+    #[test]
+    fn stale_staging_from_dead_processes_is_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = Home::open(tmp.path()).unwrap();
+        let storage = ImageStorage::new(&home);
+        let hex = "0".repeat(64);
+        let dead = home.tmp_dir().join(format!("layer-{hex}-999999999-1"));
+        let alive = home
+            .tmp_dir()
+            .join(format!("layer-{hex}-{}-1", std::process::id()));
+        let other = home.tmp_dir().join("something-else");
+        for d in [&dead, &alive, &other] {
+            fs::create_dir_all(d.join("root/x")).unwrap();
+        }
+        assert_eq!(storage.clean_stale_staging().unwrap(), 1);
+        assert!(!dead.exists() && alive.exists() && other.exists());
+    }
+
+    #[test]
+    fn an_incomplete_layer_directory_is_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = Home::open(tmp.path()).unwrap();
+        let storage = ImageStorage::new(&home);
+        let tar = tar_with_one_file();
+        let diff_id = Digest::of(&tar);
+        // Left by something that is not us (no layer.json): not a layer.
+        fs::create_dir_all(storage.layer_root(&diff_id).join("junk")).unwrap();
+        assert!(!storage.has_layer(&diff_id));
+        let path = tmp.path().join("blob");
+        fs::write(&path, &tar).unwrap();
+        let blob = LayerBlob {
+            path: &path,
+            media_type: "application/vnd.oci.image.layer.v1.tar",
+            digest: &diff_id,
+        };
+        let info = storage
+            .ensure_layer(&blob, &diff_id, &Limits::default())
+            .unwrap();
+        assert!(info.extracted);
+        assert!(storage.layer_root(&diff_id).join("hello").is_file());
+        assert!(!storage.layer_root(&diff_id).join("junk").exists());
+        assert_eq!(
+            storage.list_layers().unwrap(),
+            std::slice::from_ref(&diff_id)
+        );
+
+        storage.remove_layer(&diff_id).unwrap();
+        assert!(!storage.has_layer(&diff_id));
+        assert_eq!(fs::read_dir(home.tmp_dir()).unwrap().count(), 0);
+        assert!(storage.list_layers().unwrap().is_empty());
+    }
+}
