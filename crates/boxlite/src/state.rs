@@ -24,6 +24,7 @@ const SCHEMA: &[&str] = &[
         shim_pid INTEGER,
         vmm_pid INTEGER,
         exit_reason TEXT,
+        exit_code INTEGER,
         started_at INTEGER,
         finished_at INTEGER
     )",
@@ -37,6 +38,20 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS image_references (
         reference TEXT PRIMARY KEY,
         image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE
+    )",
+    // volumes: named qcow2 volumes and which Boxes hold them.
+    "CREATE TABLE IF NOT EXISTS volumes (
+        name TEXT PRIMARY KEY,
+        size INTEGER NOT NULL,
+        backing TEXT,
+        created_at INTEGER NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS volume_leases (
+        volume TEXT NOT NULL,
+        box_id TEXT NOT NULL,
+        read_write INTEGER NOT NULL,
+        acquired_at INTEGER NOT NULL,
+        PRIMARY KEY (volume, box_id)
     )",
 ];
 

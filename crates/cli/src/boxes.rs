@@ -1,15 +1,406 @@
 //! Box lifecycle commands: `run`, `create`, `start`, `stop`, `rm`, `ls`, `inspect`, `exec`.
 
-use clap::Subcommand;
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use boxlite::litebox::{ExecError, ExecOptions, ExecSession, ExitStatus, LiteBox};
+use boxlite::runtime::config::{parse_mount, parse_port, parse_size, BoxOptions, NetworkKind};
+use boxlite::runtime::record::BoxRecord;
+use boxlite::runtime::{Runtime, RuntimeError};
+use boxlite::vmm::accel::{AccelChoice, AccelDecision};
+use clap::{Args, Subcommand};
+
+use crate::terminal::{forward_signals, RawMode};
 
 #[derive(Subcommand, Debug)]
 pub enum BoxCommand {
+    /// Create a Box from an image and run a command in it.
+    Run(RunArgs),
+    /// Create a Box without starting it.
+    Create(CreateArgs),
+    /// Start a stopped Box (its main command runs again, detached).
+    Start {
+        #[arg(value_name = "BOX")]
+        name: String,
+    },
+    /// Stop a running Box cleanly (hard kill after the timeout).
+    Stop {
+        #[arg(value_name = "BOX", required = true)]
+        names: Vec<String>,
+        /// Seconds to wait for a clean shutdown before killing the VM.
+        #[arg(short = 't', long = "time", default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Remove Boxes.
+    Rm {
+        #[arg(value_name = "BOX", required = true)]
+        names: Vec<String>,
+        /// Kill a running Box first.
+        #[arg(short, long)]
+        force: bool,
+    },
     /// List Boxes.
-    Ls,
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show everything about a Box as JSON.
+    Inspect {
+        #[arg(value_name = "BOX")]
+        name: String,
+    },
+    /// Run a command in a running Box.
+    Exec(ExecArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    opts: BoxFlags,
+    /// The image (or, with --rootfs, ignored).
+    image: String,
+    /// The command and its arguments (replaces the image's Cmd).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    opts: BoxFlags,
+    /// Run in the background and print the Box id.
+    #[arg(short = 'd', long)]
+    detach: bool,
+    /// Keep stdin open and send it to the command.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Remove the Box when it stops.
+    #[arg(long)]
+    rm: bool,
+    image: String,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+/// Options shared by `run` and `create`.
+#[derive(Args, Debug)]
+pub struct BoxFlags {
+    #[arg(long)]
+    name: Option<String>,
+    /// Set an environment variable (KEY=VALUE).
+    #[arg(short = 'e', long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Working directory of the command.
+    #[arg(short = 'w', long = "workdir")]
+    workdir: Option<String>,
+    /// User (name, uid, name:group or uid:gid).
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
+    /// Allocate a terminal.
+    #[arg(short = 't', long = "tty")]
+    tty: bool,
+    /// Override the image's entrypoint.
+    #[arg(long)]
+    entrypoint: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    memory: u32,
+    /// Virtual size of the Box's disk (thin), e.g. 10G.
+    #[arg(long = "disk-size", default_value = "10G")]
+    disk_size: String,
+    /// HOST:GUEST[:ro] or VOLUME:GUEST[:ro].
+    #[arg(short = 'v', long = "volume")]
+    volumes: Vec<String>,
+    /// [IP:]HOSTPORT:GUESTPORT[/tcp|/udp].
+    #[arg(short = 'p', long = "publish")]
+    ports: Vec<String>,
+    /// usernet, libslirp, passt or none.
+    #[arg(long, default_value = "usernet")]
+    network: String,
+    /// DNS server for the Box.
+    #[arg(long)]
+    dns: Vec<String>,
+    /// Let the Box reach the host's loopback as host.boxlite.internal.
+    #[arg(long = "allow-host")]
+    allow_host: bool,
+    /// Accelerator: auto, kvm or tcg.
+    #[arg(long, env = "BOXLITE_ACCEL", default_value = "auto")]
+    accel: String,
+    /// Boot from a host directory instead of an image.
+    #[arg(long)]
+    rootfs: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    #[arg(short = 't', long)]
+    tty: bool,
+    #[arg(short = 'e', long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    #[arg(short = 'w', long = "workdir")]
+    workdir: Option<String>,
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
+    #[arg(value_name = "BOX")]
+    name: String,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    command: Vec<String>,
 }
 
 pub fn run(cmd: BoxCommand) -> anyhow::Result<u8> {
+    let rt = Runtime::from_env()?;
     match cmd {
-        BoxCommand::Ls => anyhow::bail!("ls: not implemented yet"),
+        BoxCommand::Run(args) => run_box(&rt, args),
+        BoxCommand::Create(args) => {
+            let opts = box_options(args.opts, args.image, args.command, false)?;
+            let bx = rt.create(opts)?;
+            println!("{}", bx.id());
+            Ok(0)
+        }
+        BoxCommand::Start { name } => {
+            let mut bx = rt.get(&name)?;
+            let decision = bx.start(false)?;
+            warn_fallback(&decision);
+            println!("{}", bx.name());
+            Ok(0)
+        }
+        BoxCommand::Stop { names, timeout } => {
+            for name in names {
+                rt.get(&name)?.stop(Duration::from_secs(timeout))?;
+                println!("{name}");
+            }
+            Ok(0)
+        }
+        BoxCommand::Rm { names, force } => {
+            let mut failed = false;
+            for name in names {
+                match rt.remove(&name, force) {
+                    Ok(()) => println!("{name}"),
+                    Err(e) => {
+                        eprintln!("boxlite: {}", crate::error_chain(&e.into()));
+                        failed = true;
+                    }
+                }
+            }
+            Ok(if failed { 1 } else { 0 })
+        }
+        BoxCommand::Ls { json } => list(&rt, json),
+        BoxCommand::Inspect { name } => {
+            let bx = rt.get(&name)?;
+            let paths = bx.paths();
+            let mut value = serde_json::to_value(bx.record())?;
+            value["paths"] = serde_json::json!({
+                "dir": paths.dir, "disk": paths.disk(), "console_log": paths.console_log(),
+                "control_socket": paths.control_socket(),
+            });
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            Ok(0)
+        }
+        BoxCommand::Exec(args) => exec(&rt, args),
     }
+}
+
+fn box_options(
+    flags: BoxFlags,
+    image: String,
+    command: Vec<String>,
+    rm: bool,
+) -> anyhow::Result<BoxOptions> {
+    let mut opts = BoxOptions::new(image);
+    opts.name = flags.name;
+    opts.rootfs_dir = flags.rootfs;
+    opts.cmd = command;
+    opts.entrypoint = flags
+        .entrypoint
+        .map(|e| if e.is_empty() { vec![] } else { vec![e] });
+    opts.env = flags
+        .env
+        .into_iter()
+        .map(expand_env)
+        .collect::<anyhow::Result<_>>()?;
+    opts.workdir = flags.workdir;
+    opts.user = flags.user;
+    opts.tty = flags.tty;
+    opts.cpus = flags.cpus;
+    opts.memory_mib = flags.memory;
+    opts.disk_size = parse_size(&flags.disk_size).map_err(anyhow::Error::msg)?;
+    opts.mounts = flags
+        .volumes
+        .iter()
+        .map(|v| parse_mount(v))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    opts.ports = flags
+        .ports
+        .iter()
+        .map(|p| parse_port(p))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    opts.network = flags
+        .network
+        .parse::<NetworkKind>()
+        .map_err(anyhow::Error::msg)?;
+    for dns in &flags.dns {
+        dns.parse::<std::net::IpAddr>()
+            .with_context(|| format!("invalid --dns {dns:?}"))?;
+    }
+    opts.dns = flags.dns;
+    opts.allow_host = flags.allow_host;
+    opts.auto_remove = rm;
+    opts.accel = flags
+        .accel
+        .parse::<AccelChoice>()
+        .map_err(anyhow::Error::msg)?;
+    Ok(opts)
+}
+
+/// `-e KEY` takes the value from the caller's environment, as docker does.
+fn expand_env(kv: String) -> anyhow::Result<String> {
+    if kv.contains('=') {
+        return Ok(kv);
+    }
+    if kv.is_empty() {
+        bail!("invalid -e \"\": expected KEY=VALUE");
+    }
+    Ok(match std::env::var(&kv) {
+        Ok(v) => format!("{kv}={v}"),
+        Err(_) => kv,
+    })
+}
+
+fn warn_fallback(decision: &AccelDecision) {
+    if let Some(reason) = &decision.fallback_reason {
+        eprintln!("boxlite: warning: KVM unusable ({reason}); using QEMU TCG software emulation (slower). Use --accel tcg to silence this.");
+    }
+}
+
+fn run_box(rt: &Runtime, args: RunArgs) -> anyhow::Result<u8> {
+    let interactive = args.interactive;
+    let tty = args.opts.tty;
+    let opts = box_options(args.opts, args.image, args.command, args.rm)?;
+    let mut bx = rt.create(opts)?;
+    if args.detach {
+        let started = bx.start(false);
+        if let Err(e) = started {
+            return Err(cleanup_failed(bx, args.rm, e));
+        }
+        warn_fallback(started.as_ref().unwrap());
+        println!("{}", bx.id());
+        return Ok(0);
+    }
+    match bx.start(true) {
+        Ok(decision) => warn_fallback(&decision),
+        Err(e) => return Err(cleanup_failed(bx, args.rm, e)),
+    }
+    let (rows, cols) = terminal_size();
+    let session = bx.attach(interactive, rows, cols)?;
+    let status = drive_session(session, interactive, tty);
+    // The Box stops when its main process ends; wait so that `run --rm` leaves nothing behind.
+    let _ = bx.wait_stopped();
+    finish(status)
+}
+
+fn cleanup_failed(bx: LiteBox, rm: bool, e: RuntimeError) -> anyhow::Error {
+    if rm {
+        let _ = bx.remove(true);
+    }
+    e.into()
+}
+
+fn exec(rt: &Runtime, args: ExecArgs) -> anyhow::Result<u8> {
+    let mut bx = rt.get(&args.name)?;
+    let (rows, cols) = terminal_size();
+    let opts = ExecOptions {
+        argv: args.command,
+        env: args
+            .env
+            .into_iter()
+            .map(expand_env)
+            .collect::<anyhow::Result<_>>()?,
+        cwd: args.workdir,
+        user: args.user,
+        tty: args.tty,
+        stdin: args.interactive,
+        rows,
+        cols,
+    };
+    let session = bx.exec(opts)?;
+    finish(drive_session(session, args.interactive, args.tty))
+}
+
+/// Connects the session to this process's stdio, terminal and signals until it exits.
+fn drive_session(session: ExecSession, stdin: bool, tty: bool) -> Result<ExitStatus, ExecError> {
+    let control = session.control();
+    let _raw = (tty && std::io::stdin().is_terminal())
+        .then(RawMode::enter)
+        .flatten();
+    let _signals = forward_signals(control.clone(), tty);
+    if stdin {
+        let c = control.clone();
+        std::thread::spawn(move || {
+            let _ = c.pump_stdin(std::io::stdin());
+        });
+    }
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr();
+    let status = session.wait(&mut out, &mut err);
+    let _ = out.flush();
+    status
+}
+
+fn finish(status: Result<ExitStatus, ExecError>) -> anyhow::Result<u8> {
+    match status {
+        Ok(status) => Ok(status.code().clamp(0, 255) as u8),
+        Err(ExecError::Failed { message, exit_code }) => {
+            eprintln!("boxlite: {message}");
+            Ok(exit_code as u8)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn terminal_size() -> (u16, u16) {
+    crate::terminal::size().unwrap_or((24, 80))
+}
+
+fn list(rt: &Runtime, json: bool) -> anyhow::Result<u8> {
+    let boxes = rt.list()?;
+    if json {
+        let rows: Vec<serde_json::Value> = boxes.iter().map(ls_json).collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<14} {:<20} {:<30} {:<10} STATUS",
+        "ID", "NAME", "IMAGE", "STATE"
+    );
+    for b in &boxes {
+        let status = match (&b.exit_reason, b.state.to_string().as_str()) {
+            (Some(reason), "exited") => reason.clone(),
+            _ => String::new(),
+        };
+        println!(
+            "{:<14} {:<20} {:<30} {:<10} {}",
+            &b.id[..12],
+            b.name,
+            b.image,
+            b.state,
+            status
+        );
+    }
+    Ok(0)
+}
+
+fn ls_json(b: &BoxRecord) -> serde_json::Value {
+    serde_json::json!({
+        "id": b.id, "name": b.name, "image": b.image, "state": b.state,
+        "exit_code": b.exit_code, "exit_reason": b.exit_reason,
+        "created_at": b.created_at, "started_at": b.started_at, "finished_at": b.finished_at,
+        "shim_pid": b.shim_pid, "vmm_pid": b.vmm_pid,
+    })
 }

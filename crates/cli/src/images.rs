@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use boxlite::home::Home;
 use boxlite::images::digest::Digest;
-use boxlite::images::manager::{ImageManager, ImageRecord, PruneReport};
+use boxlite::images::manager::{ImageManager, PruneReport};
 use boxlite::images::manifest::Platform;
 use boxlite::images::pull::PullOptions;
 use boxlite::images::registry::Credential;
@@ -210,19 +210,10 @@ fn list(images: &ImageManager, json: bool) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// Ids of the images that Boxes were created from (the `boxes` table names them by reference
-/// or id); such images are never removed.
-fn images_in_use(home: &Home, images: &ImageManager) -> anyhow::Result<Vec<Digest>> {
-    let db = boxlite::state::Db::open(home).context("opening the state database")?;
-    let mut stmt = db.conn().prepare("SELECT DISTINCT image FROM boxes")?;
-    let names: Vec<String> = stmt
-        .query_map([], |row| row.get(0))?
-        .collect::<Result<_, _>>()?;
-    Ok(names
-        .iter()
-        .filter_map(|name| images.get(name).ok())
-        .map(|r: ImageRecord| r.id)
-        .collect())
+/// Ids of the images that Boxes were created from; such images are never removed.
+fn images_in_use(home: &Home, _images: &ImageManager) -> anyhow::Result<Vec<Digest>> {
+    let runtime = boxlite::runtime::Runtime::new(home.clone())?;
+    Ok(runtime.images_in_use()?)
 }
 
 fn print_removed(report: &PruneReport) {

@@ -3,6 +3,7 @@
 
 mod boxes;
 mod images;
+mod terminal;
 mod volumes;
 
 use std::process::ExitCode;
@@ -28,7 +29,7 @@ enum Command {
     #[command(flatten)]
     Images(images::ImageCommand),
     #[command(flatten)]
-    Boxes(boxes::BoxCommand),
+    Boxes(Box<boxes::BoxCommand>),
     /// Manage named volumes.
     Volume {
         #[command(subcommand)]
@@ -45,7 +46,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Images(cmd) => images::run(cmd),
-        Command::Boxes(cmd) => boxes::run(cmd),
+        Command::Boxes(cmd) => boxes::run(*cmd),
         Command::Volume { command } => volumes::run(command),
     };
     match result {

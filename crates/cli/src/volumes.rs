@@ -1,15 +1,160 @@
-//! `boxlite volume …`. (Owned by the disks and volumes work.)
+//! `boxlite volume …`: named volumes and their snapshots, over `boxlite::volumes::Volumes`.
 
-use clap::Subcommand;
+use anyhow::Context;
+use boxlite::home::Home;
+use boxlite::rootfs::size::{format_size, parse_size};
+use boxlite::volumes::Volumes;
+use clap::{Args, Subcommand};
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCommand {
+    /// Create a volume (a thin qcow2 disk, formatted ext4 on first use in a Box).
+    Create {
+        name: String,
+        /// Virtual size, e.g. 512M, 10G (default 10G, or the backing volume's size).
+        #[arg(long)]
+        size: Option<String>,
+        /// Build the volume on another one (which then becomes read-only).
+        #[arg(long)]
+        backing: Option<String>,
+    },
     /// List volumes.
-    Ls,
+    #[command(alias = "list")]
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a volume (refused while a Box uses it or a volume is built on it).
+    #[command(alias = "remove")]
+    Rm { name: String },
+    /// Take a snapshot of a volume: `volume snapshot NAME SNAP`; or `volume snapshot rm NAME SNAP`.
+    Snapshot(SnapshotArgs),
+    /// List the snapshots of a volume.
+    Snapshots {
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Return a volume to a snapshot (later writes are lost).
+    Revert { name: String, snapshot: String },
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    command: Option<SnapshotCommand>,
+    /// The volume.
+    name: Option<String>,
+    /// The snapshot's name.
+    snapshot: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCommand {
+    /// Delete a snapshot of a volume.
+    Rm { name: String, snapshot: String },
+}
+
+fn volumes() -> anyhow::Result<Volumes> {
+    let home = Home::from_env().context("open the boxlite home folder")?;
+    Ok(Volumes::open(&home)?)
 }
 
 pub fn run(cmd: VolumeCommand) -> anyhow::Result<u8> {
     match cmd {
-        VolumeCommand::Ls => anyhow::bail!("volume ls: not implemented yet"),
+        VolumeCommand::Create {
+            name,
+            size,
+            backing,
+        } => {
+            let size = size.as_deref().map(parse_size).transpose()?;
+            let volume = volumes()?.create(&name, size, backing.as_deref())?;
+            println!("{}", volume.name);
+        }
+        VolumeCommand::Ls { json } => {
+            let list = volumes()?.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<24} {:>8} {:>10} {:<16} IN USE BY",
+                    "NAME", "SIZE", "USED", "BACKING"
+                );
+                for v in list {
+                    let users = v
+                        .in_use_by
+                        .iter()
+                        .map(|h| {
+                            format!("{}({})", h.box_id, if h.read_write { "rw" } else { "ro" })
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    println!(
+                        "{:<24} {:>8} {:>10} {:<16} {}",
+                        v.name,
+                        format_size(v.size),
+                        human(v.allocated),
+                        v.backing.as_deref().unwrap_or("-"),
+                        if users.is_empty() { "-" } else { &users }
+                    );
+                }
+            }
+        }
+        VolumeCommand::Rm { name } => {
+            volumes()?.remove(&name)?;
+            println!("{name}");
+        }
+        VolumeCommand::Snapshot(args) => match (args.command, args.name, args.snapshot) {
+            (Some(SnapshotCommand::Rm { name, snapshot }), _, _) => {
+                volumes()?.snapshot_remove(&name, &snapshot)?;
+                println!("{snapshot}");
+            }
+            (None, Some(name), Some(snapshot)) => {
+                volumes()?.snapshot(&name, &snapshot)?;
+                println!("{snapshot}");
+            }
+            _ => anyhow::bail!(
+                "usage: boxlite volume snapshot NAME SNAP | volume snapshot rm NAME SNAP"
+            ),
+        },
+        VolumeCommand::Snapshots { name, json } => {
+            let snaps = volumes()?.snapshots(&name)?;
+            if json {
+                let list: Vec<_> = snaps
+                    .iter()
+                    .map(|s| serde_json::json!({"name": s.name, "created_at": s.date_sec}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<32} CREATED", "NAME");
+                for s in snaps {
+                    println!("{:<32} {}", s.name, s.date_sec);
+                }
+            }
+        }
+        VolumeCommand::Revert { name, snapshot } => {
+            volumes()?.revert(&name, &snapshot)?;
+            println!("{name}");
+        }
     }
+    Ok(0)
+}
+
+/// Bytes for people: `1.5M`, `320K`, `12G`.
+fn human(bytes: u64) -> String {
+    let units = [
+        (1u64 << 40, "T"),
+        (1 << 30, "G"),
+        (1 << 20, "M"),
+        (1 << 10, "K"),
+    ];
+    for (scale, unit) in units {
+        if bytes >= scale {
+            return format!("{:.1}{unit}", bytes as f64 / scale as f64);
+        }
+    }
+    format!("{bytes}B")
 }

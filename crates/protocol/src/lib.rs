@@ -172,6 +172,9 @@ pub enum Control {
     Stop { timeout_secs: u64 },
     /// shim → CLI: the requested Box-level operation finished.
     Done,
+    /// CLI → shim, on a fresh channel: attach to the Box's main process (started by the shim
+    /// when the Box was started attached). Its output and exit arrive on this channel.
+    Attach { stdin: bool, rows: u16, cols: u16 },
 }
 
 /// Everything the agent needs to assemble the Box, sent once per boot.

@@ -523,14 +523,26 @@ impl ImageManager {
     /// applied in order, files copied (the tree is the caller's to change).
     pub fn unpack(&self, query: &str, dir: &Path) -> Result<assemble::AssembleStats> {
         let record = self.get(query)?;
+        self.assemble_rootfs(&record, dir, AssembleMode::Copy)
+    }
+
+    /// Writes the root filesystem of `record` into `dir` (missing or empty), extracting layers
+    /// that are not in the cache yet. `Link` mode is for trees that stay read-only on the same
+    /// filesystem as the cache (building base disks).
+    pub fn assemble_rootfs(
+        &self,
+        record: &ImageRecord,
+        dir: &Path,
+        mode: AssembleMode,
+    ) -> Result<assemble::AssembleStats> {
         self.ensure_layers(&record.id, &record.layers, &record.diff_ids)?;
-        assemble::assemble(&self.storage, &record.diff_ids, dir, AssembleMode::Copy).map_err(
-            |source| ImageError::Unpack {
+        assemble::assemble(&self.storage, &record.diff_ids, dir, mode).map_err(|source| {
+            ImageError::Unpack {
                 id: record.id.clone(),
                 path: dir.to_path_buf(),
                 source: Box::new(source),
-            },
-        )
+            }
+        })
     }
 
     /// Extracts the image's layers into the shared layer cache; returns (extracted, present).

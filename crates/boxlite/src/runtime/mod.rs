@@ -1,1 +1,256 @@
-//! TODO
+//! The runtime: the home folder, the state database and the lifecycle of Boxes.
+//!
+//! ```no_run
+//! use boxlite::runtime::{Runtime, config::BoxOptions};
+//!
+//! let rt = Runtime::from_env()?;
+//! let mut opts = BoxOptions::new("localhost:5000/busybox:latest");
+//! opts.idle = true; // no main process: the Box runs until stopped
+//! let mut bx = rt.create(opts)?;
+//! bx.start(false)?;
+//! let out = bx.exec_output(&["echo", "hello"])?;
+//! assert_eq!(out.stdout, b"hello\n");
+//! bx.stop(std::time::Duration::from_secs(10))?;
+//! # Ok::<(), boxlite::runtime::RuntimeError>(())
+//! ```
+
+pub mod config;
+pub mod image;
+pub mod paths;
+pub mod record;
+
+use crate::home::Home;
+use crate::litebox::LiteBox;
+use crate::rootfs::disk::BoxDisk;
+use crate::state::Db;
+use crate::vmm::VmmError;
+use config::{BoxConfig, BoxOptions, RootfsSource};
+use paths::BoxPaths;
+use record::{BoxRecord, BoxState};
+
+/// Errors of Box lifecycle operations.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("no such box: {0}")]
+    BoxNotFound(String),
+    #[error("the name {0:?} is already in use by another box")]
+    NameInUse(String),
+    #[error("invalid box name {0:?}: use letters, digits, '_', '.' and '-', starting with a letter or digit")]
+    InvalidName(String),
+    #[error("box {name} is {state}: cannot {operation}")]
+    InvalidState {
+        name: String,
+        state: BoxState,
+        operation: &'static str,
+    },
+    #[error("image {reference}")]
+    Image {
+        reference: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("disk of box {name}: {message}")]
+    Disk { name: String, message: String },
+    #[error("box {name} failed to start: {message}")]
+    Start { name: String, message: String },
+    #[error("box {name}: {message}")]
+    Shim { name: String, message: String },
+    #[error("state database")]
+    Db(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, RuntimeError>;
+
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
+    let context = context.into();
+    move |source| RuntimeError::Io { context, source }
+}
+
+/// The entry point of the library: one home folder and the Boxes in it.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    home: Home,
+}
+
+impl Runtime {
+    /// The runtime of `BOXLITE_HOME` (default `~/.boxlite`).
+    pub fn from_env() -> Result<Runtime> {
+        Runtime::new(Home::from_env().map_err(io_err("cannot open the home folder"))?)
+    }
+
+    pub fn new(home: Home) -> Result<Runtime> {
+        Db::open(&home)?;
+        Ok(Runtime { home })
+    }
+
+    pub fn home(&self) -> &Home {
+        &self.home
+    }
+
+    pub(crate) fn db(&self) -> Result<Db> {
+        Ok(Db::open(&self.home)?)
+    }
+
+    /// Creates a Box (its disk and its record); it does not start it.
+    pub fn create(&self, opts: BoxOptions) -> Result<LiteBox> {
+        if let Some(name) = &opts.name {
+            validate_name(name)?;
+        }
+        if opts.cpus == 0 || opts.memory_mib < 64 {
+            return Err(RuntimeError::Invalid(format!(
+                "invalid resources: --cpus {} --memory {} (at least 1 CPU and 64 MiB)",
+                opts.cpus, opts.memory_mib
+            )));
+        }
+        let id = new_id();
+        let name = opts.name.clone().unwrap_or_else(|| id[..12].to_string());
+        let db = self.db()?;
+        if BoxRecord::find(&db, &name)?.is_some() {
+            return Err(RuntimeError::NameInUse(name));
+        }
+        let resolved = image::resolve(&self.home, &opts)?;
+        let (rootfs, defaults) = (resolved.source, resolved.defaults);
+        let paths = BoxPaths::new(&self.home, &id);
+        let cleanup = |e: RuntimeError| {
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            e
+        };
+        BoxDisk::create(
+            &self.home,
+            &id,
+            &resolved.base.path,
+            resolved.base.format,
+            Some(opts.disk_size),
+        )
+        .map_err(|e| {
+            cleanup(RuntimeError::Disk {
+                name: name.clone(),
+                message: e.to_string(),
+            })
+        })?;
+        let main = config::main_process(&defaults, &opts, &name);
+        let exec_defaults = config::ProcessSpec {
+            argv: vec![],
+            env: main.env.clone(),
+            cwd: main.cwd.clone(),
+            user: main.user.clone(),
+            tty: false,
+        };
+        let record = BoxRecord {
+            id: id.clone(),
+            name: name.clone(),
+            image: match &rootfs {
+                RootfsSource::Image { reference, .. } => reference.clone(),
+                RootfsSource::Dir { path } => path.clone(),
+            },
+            created_at: record::now(),
+            config: BoxConfig {
+                rootfs,
+                main,
+                exec_defaults,
+                cpus: opts.cpus,
+                memory_mib: opts.memory_mib,
+                disk_size: opts.disk_size,
+                mounts: opts.mounts.clone(),
+                ports: opts.ports.clone(),
+                network: opts.network,
+                dns: opts.dns.clone(),
+                allow_host: opts.allow_host,
+                auto_remove: opts.auto_remove,
+                accel: opts.accel,
+                mac: mac_for(&id),
+            },
+            state: BoxState::Created,
+            shim_pid: None,
+            vmm_pid: None,
+            exit_reason: None,
+            exit_code: None,
+            started_at: None,
+            finished_at: None,
+        };
+        match record.insert(&db) {
+            Ok(()) => Ok(LiteBox::new(self.clone(), record)),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(cleanup(RuntimeError::NameInUse(name)))
+            }
+            Err(e) => Err(cleanup(e.into())),
+        }
+    }
+
+    /// The Box named `key` (name, id or unique id prefix), its state reconciled with reality.
+    pub fn get(&self, key: &str) -> Result<LiteBox> {
+        let db = self.db()?;
+        let record =
+            BoxRecord::find(&db, key)?.ok_or_else(|| RuntimeError::BoxNotFound(key.into()))?;
+        Ok(LiteBox::new(self.clone(), record.reconcile(&db)?))
+    }
+
+    /// Every Box, oldest first, states reconciled.
+    pub fn list(&self) -> Result<Vec<BoxRecord>> {
+        let db = self.db()?;
+        BoxRecord::list(&db)?
+            .into_iter()
+            .map(|r| Ok(r.reconcile(&db)?))
+            .collect()
+    }
+
+    /// Ids of the images that Boxes were created from: never removed by `image rm`/`prune`.
+    pub fn images_in_use(&self) -> Result<Vec<crate::images::digest::Digest>> {
+        let db = self.db()?;
+        Ok(BoxRecord::list(&db)?
+            .into_iter()
+            .filter_map(|b| match b.config.rootfs {
+                RootfsSource::Image { image_id, .. } => image_id.parse().ok(),
+                RootfsSource::Dir { .. } => None,
+            })
+            .collect())
+    }
+
+    /// Removes a Box; a running one only with `force` (it is killed first).
+    pub fn remove(&self, key: &str, force: bool) -> Result<()> {
+        self.get(key)?.remove(force)
+    }
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        && name.len() <= 128;
+    if ok {
+        Ok(())
+    } else {
+        Err(RuntimeError::InvalidName(name.into()))
+    }
+}
+
+/// 32 random hex digits.
+fn new_id() -> String {
+    let mut buf = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut buf);
+    }
+    hex::encode(buf)
+}
+
+/// A locally administered MAC derived from the Box id (stable across restarts).
+fn mac_for(id: &str) -> String {
+    let b = id.as_bytes();
+    let h = |i: usize| {
+        u8::from_str_radix(std::str::from_utf8(&b[i..i + 2]).unwrap_or("00"), 16).unwrap_or(0)
+    };
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", h(0), h(2), h(4))
+}

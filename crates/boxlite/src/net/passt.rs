@@ -1,0 +1,381 @@
+//! `passt`: the Debian `passt` program as the Box's user-mode network, speaking the same
+//! length-framed socket protocol as QEMU's `-netdev stream`.
+//!
+//! passt runs as a child process listening on a socket in a private directory (as root it drops
+//! to `nobody`, so that directory is handed to nobody); QEMU connects to a socket of ours, and a
+//! relay thread pair copies frames between the two while counting them, which gives this backend
+//! the same byte and packet counters as the others. passt is told the Box topology (`-a
+//! 192.168.127.2 -n 24 -g 192.168.127.1`, DNS forwarded from 192.168.127.1) and, unless the Box
+//! allows host access, `--no-map-gw` so the gateway does not lead to the host's loopback. Port
+//! forwards become `-t`/`-u` options at start; passt cannot change them while running.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info};
+
+use crate::net::{
+    format_mac, NetworkBackend, NetworkConfig, NetworkError, NetworkKind, NetworkMetrics,
+    NetworkOptions, PortForward, Protocol, Result, Topology,
+};
+
+/// UID/GID passt drops to when started as root (Debian's `nobody`).
+const NOBODY: u32 = 65534;
+
+#[derive(Debug, Default)]
+struct Counters {
+    tx_bytes: AtomicU64,
+    tx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    rx_packets: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Running {
+    child: Child,
+    stop: Arc<AtomicBool>,
+    relay: Option<JoinHandle<()>>,
+    private_dir: PathBuf,
+}
+
+/// The passt backend.
+#[derive(Debug)]
+pub struct Passt {
+    options: NetworkOptions,
+    counters: Arc<Counters>,
+    forwards: Vec<PortForward>,
+    running: Option<Running>,
+}
+
+impl Passt {
+    pub fn new(options: NetworkOptions) -> Passt {
+        Passt {
+            options,
+            counters: Arc::default(),
+            forwards: Vec::new(),
+            running: None,
+        }
+    }
+}
+
+fn spawn_err(reason: impl Into<String>, source: Option<io::Error>) -> NetworkError {
+    NetworkError::Spawn {
+        program: "passt".into(),
+        reason: reason.into(),
+        source,
+    }
+}
+
+/// Picks a free host port for a forward asking for port 0 (bind, read, release).
+fn resolve_port(f: PortForward) -> Result<PortForward> {
+    if f.host_port != 0 {
+        return Ok(f);
+    }
+    let addr = SocketAddr::new(f.host_ip, 0);
+    let port = match f.protocol {
+        Protocol::Tcp => TcpListener::bind(addr).and_then(|l| l.local_addr()),
+        Protocol::Udp => UdpSocket::bind(addr).and_then(|s| s.local_addr()),
+    }
+    .map_err(|source| NetworkError::BindForward { forward: f, source })?
+    .port();
+    Ok(PortForward {
+        host_port: port,
+        ..f
+    })
+}
+
+/// passt's `-t`/`-u` spec for one forward: `ADDR/HOSTPORT:GUESTPORT`.
+fn forward_spec(f: &PortForward) -> String {
+    format!("{}/{}:{}", f.host_ip, f.host_port, f.guest_port)
+}
+
+fn prepare_private_dir(dir: &Path) -> Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(|source| NetworkError::Io {
+        what: format!("creating {}", dir.display()),
+        source,
+    })?;
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY)).map_err(|source| {
+            NetworkError::Io {
+                what: format!("handing {} to nobody for passt", dir.display()),
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+impl NetworkBackend for Passt {
+    fn start(&mut self) -> Result<NetworkConfig> {
+        if self.running.is_some() {
+            return Err(NetworkError::AlreadyRunning(NetworkKind::Passt));
+        }
+        if !self.options.dns.is_empty() {
+            return Err(NetworkError::Unsupported {
+                backend: NetworkKind::Passt,
+                what: "a DNS override (passt forwards DNS to the host's first resolver)".into(),
+            });
+        }
+        let path = self.options.socket_path()?;
+        let private_dir = self.options.socket_dir.join("passt.d");
+        let passt_sock = private_dir.join("s");
+        prepare_private_dir(&private_dir)?;
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).map_err(|source| NetworkError::BindSocket {
+            path: path.clone(),
+            source,
+        })?;
+
+        let forwards = self
+            .options
+            .port_forwards
+            .iter()
+            .map(|f| resolve_port(*f))
+            .collect::<Result<Vec<_>>>()?;
+        let mut cmd = Command::new("passt");
+        cmd.arg("--foreground")
+            .arg("--quiet")
+            .arg("--socket")
+            .arg(&passt_sock)
+            .args([
+                "-4",
+                "-a",
+                "192.168.127.2",
+                "-n",
+                "24",
+                "-g",
+                "192.168.127.1",
+            ])
+            .args(["-m", &Topology::MTU.to_string()])
+            .args(["--dns-forward", "192.168.127.1", "-D", "192.168.127.1"])
+            .args(["-S", Topology::DOMAIN]);
+        if !self.options.allow_host {
+            cmd.arg("--no-map-gw");
+        }
+        for f in &forwards {
+            let flag = match f.protocol {
+                Protocol::Tcp => "-t",
+                Protocol::Udp => "-u",
+            };
+            cmd.arg(flag).arg(forward_spec(f));
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        debug!(?cmd, "starting passt");
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| spawn_err("cannot run the passt program (is it installed?)", Some(e)))?;
+
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !passt_sock.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                return Err(spawn_err(
+                    format!("passt exited ({status}): {}", err.trim()),
+                    None,
+                ));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(spawn_err(
+                    format!(
+                        "its socket {} did not appear within 5 s",
+                        passt_sock.display()
+                    ),
+                    None,
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let relay = {
+            let stop = stop.clone();
+            let counters = self.counters.clone();
+            let passt_sock = passt_sock.clone();
+            std::thread::Builder::new()
+                .name("passt-relay".into())
+                .spawn(move || accept_loop(listener, &passt_sock, &counters, &stop))
+                .map_err(|e| spawn_err("cannot start the relay thread", Some(e)))?
+        };
+        self.forwards = forwards.clone();
+        self.running = Some(Running {
+            child,
+            stop,
+            relay: Some(relay),
+            private_dir,
+        });
+        info!(socket = %path.display(), "passt started");
+        Ok(NetworkConfig {
+            kind: NetworkKind::Passt,
+            socket_path: Some(path),
+            guest_mac: format_mac(Topology::GUEST_MAC),
+            guest_ip: Topology::GUEST,
+            gateway: Topology::GATEWAY,
+            prefix_len: Topology::PREFIX_LEN,
+            dns: vec![Topology::GATEWAY],
+            mtu: Topology::MTU,
+            port_forwards: forwards,
+        })
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        if let Some(mut r) = self.running.take() {
+            r.stop.store(true, Ordering::Relaxed);
+            let _ = r.child.kill();
+            let _ = r.child.wait();
+            if let Some(t) = r.relay.take() {
+                let _ = t.join();
+            }
+            let _ = std::fs::remove_dir_all(&r.private_dir);
+            if let Ok(path) = self.options.socket_path() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        Ok(())
+    }
+
+    fn metrics(&self) -> NetworkMetrics {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NetworkMetrics {
+            tx_bytes: g(&self.counters.tx_bytes),
+            tx_packets: g(&self.counters.tx_packets),
+            rx_bytes: g(&self.counters.rx_bytes),
+            rx_packets: g(&self.counters.rx_packets),
+            ..NetworkMetrics::default()
+        }
+    }
+
+    fn add_port_forward(&self, forward: PortForward) -> Result<PortForward> {
+        Err(NetworkError::Unsupported {
+            backend: NetworkKind::Passt,
+            what: format!("adding port forward {forward} while running"),
+        })
+    }
+
+    fn remove_port_forward(&self, forward: &PortForward) -> Result<()> {
+        Err(NetworkError::Unsupported {
+            backend: NetworkKind::Passt,
+            what: format!("removing port forward {forward} while running"),
+        })
+    }
+
+    fn port_forwards(&self) -> Vec<PortForward> {
+        self.forwards.clone()
+    }
+}
+
+impl Drop for Passt {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// Accepts the VMM (one at a time) and relays it to passt until told to stop.
+fn accept_loop(listener: UnixListener, passt_sock: &Path, counters: &Counters, stop: &AtomicBool) {
+    let _ = listener.set_nonblocking(true);
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((vmm, _)) => {
+                let _ = vmm.set_nonblocking(false);
+                match UnixStream::connect(passt_sock) {
+                    Ok(passt) => relay(vmm, passt, counters, stop),
+                    Err(e) => debug!(error = %e, "cannot reach passt's socket"),
+                }
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Copies frames both ways until either side closes; counts them as they pass.
+fn relay(vmm: UnixStream, passt: UnixStream, counters: &Counters, stop: &AtomicBool) {
+    let (Ok(vmm2), Ok(passt2)) = (vmm.try_clone(), passt.try_clone()) else {
+        return;
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            copy_counting(
+                &vmm,
+                &passt2,
+                &counters.tx_bytes,
+                &counters.tx_packets,
+                stop,
+            );
+            let _ = passt2.shutdown(std::net::Shutdown::Both);
+        });
+        copy_counting(
+            &passt,
+            &vmm2,
+            &counters.rx_bytes,
+            &counters.rx_packets,
+            stop,
+        );
+        let _ = vmm2.shutdown(std::net::Shutdown::Both);
+        let _ = vmm.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+fn copy_counting(
+    mut from: &UnixStream,
+    mut to: &UnixStream,
+    bytes: &AtomicU64,
+    packets: &AtomicU64,
+    stop: &AtomicBool,
+) {
+    let _ = from.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = vec![0u8; 65536];
+    // Where the next frame header starts, relative to the bytes seen so far.
+    let mut header = [0u8; 4];
+    let mut header_have = 0usize;
+    let mut body_left = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::TimedOut
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                continue
+            }
+            Err(_) => return,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            return;
+        }
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            if body_left > 0 {
+                let take = body_left.min(rest.len());
+                body_left -= take;
+                rest = &rest[take..];
+                continue;
+            }
+            let take = (4 - header_have).min(rest.len());
+            header[header_have..header_have + take].copy_from_slice(&rest[..take]);
+            header_have += take;
+            rest = &rest[take..];
+            if header_have == 4 {
+                header_have = 0;
+                body_left = u32::from_be_bytes(header) as usize;
+                bytes.fetch_add(body_left as u64, Ordering::Relaxed);
+                packets.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! Real-guest tests of the network backends: a Debian kernel under QEMU (TCG) with a busybox
+//! initramfs gets its address by DHCP (our agent's client and busybox udhcpc), resolves names,
+//! talks TCP and UDP to servers in a network namespace, and serves HTTP through port forwards;
+//! the backends' byte counters are compared with the guest NIC's own.
+//!
+//! Needs root (network namespaces), qemu-system-x86_64, busybox-static, cpio, passt, python3 and
+//! the kernel from `scripts/fetch-kernel.sh`. One boot per backend; the tests run one at a time.
+
+mod net_common;
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use boxlite::net::usernet::Usernet;
+use boxlite::net::{
+    NetworkBackend, NetworkConfig, NetworkHandle, NetworkKind, NetworkOptions, PortForward,
+};
+use net_common::vm::{self, Guest, Netns};
+use net_common::{run_case, StubDns};
+use sha2::{Digest, Sha256};
+
+const BOOT: Duration = Duration::from_secs(120);
+const STEP: Duration = Duration::from_secs(90);
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// What `net_probe tcp-send` sends: a 65536-byte pattern repeated, cut at `len`.
+fn tcp_send_pattern(len: usize) -> Vec<u8> {
+    let chunk: Vec<u8> = (0..65536).map(|j| (j % 251) as u8).collect();
+    chunk.iter().copied().cycle().take(len).collect()
+}
+
+struct Scenario {
+    dns: bool,
+    flood: bool,
+}
+
+fn init_script(peer: &str, s: &Scenario) -> String {
+    let mut init = vm::INIT_HEAD.to_string();
+    init += &format!(
+        "echo \"MARK wget $(wget -q -O - http://{peer}:8080/blob | sha256sum)\"\n\
+         echo \"MARK $(net_probe tcp-send {peer}:7777 3000000)\"\n\
+         echo \"MARK $(net_probe udp-echo {peer}:7778 20)\"\n"
+    );
+    if s.dns {
+        init += "echo \"MARK nslookup-small $(nslookup small.example.test 192.168.127.1 2>&1 | tr '\\n' ' ')\"\n\
+                 echo \"MARK nslookup-host $(nslookup host.boxlite.internal 192.168.127.1 2>&1 | tr '\\n' ' ')\"\n";
+    }
+    init += "httpd -p 80 -h /www\nhttpd -p 81 -h /www\necho \"MARK ready\"\n";
+    if s.flood {
+        init += &format!(
+            "nc -l -p 9000 </dev/null >/dev/null\n\
+             echo \"MARK flood-start\"\n\
+             echo \"MARK flood $(net_probe flood-tcp {peer}:7777 300) $(net_probe flood-udp {peer}:7778 300)\"\n\
+             echo \"MARK flood-done\"\n"
+        );
+    }
+    init + vm::INIT_TAIL
+}
+
+/// Boots the guest on `config` and checks everything every backend must do. Returns the guest
+/// (still running, printing its counters) for backend-specific checks.
+fn boot_and_check_common(
+    dir: &std::path::Path,
+    config: &NetworkConfig,
+    ns: &Netns,
+    scenario: &Scenario,
+    blob: &[u8],
+) -> Guest {
+    let init = init_script(&ns.peer, scenario);
+    let initrd = vm::build_initramfs(dir, &init, &[("blob", blob.to_vec())]);
+    let mut guest = Guest::boot(dir, &initrd, &config.qemu_args());
+
+    let addr = guest.wait_for("MARK addr", BOOT);
+    assert_eq!(
+        addr,
+        "MARK addr 192.168.127.2/24 mtu 1500",
+        "our DHCP client's lease; console:\n{}",
+        guest.console()
+    );
+    let route = guest.wait_for("MARK route", STEP);
+    assert!(route.contains("default via 192.168.127.1"), "{route}");
+    let udhcpc = guest.wait_for("UDHCPC", STEP);
+    assert!(
+        udhcpc.contains("ip=192.168.127.2 ") && udhcpc.contains("router=192.168.127.1"),
+        "busybox udhcpc: {udhcpc}"
+    );
+
+    let wget = guest.wait_for("MARK wget", STEP);
+    assert!(
+        wget.contains(&sha256_hex(&vm::pattern(1_000_000, 3))),
+        "HTTP download through NAT is byte-exact: {wget}"
+    );
+    let sent = guest.wait_for("MARK OK tcp-send", STEP);
+    let expect = format!(
+        "RECEIVED 3000000 {}",
+        sha256_hex(&tcp_send_pattern(3_000_000))
+    );
+    assert!(
+        sent.ends_with(&expect),
+        "guest → peer TCP with half-close: {sent}"
+    );
+    let udp = guest.wait_for("MARK OK udp-echo", STEP);
+    assert!(udp.contains("20 datagrams echoed"), "{udp}");
+    guest.wait_for("MARK ready", STEP);
+    guest
+}
+
+/// Sequential and concurrent GETs through a forward, each body compared byte for byte.
+fn check_http(port: u16, blob: &[u8]) {
+    for _ in 0..20 {
+        assert_eq!(vm::http_get(port, "/blob"), blob, "sequential GET");
+    }
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..4 {
+                    assert_eq!(vm::http_get(port, "/blob"), blob, "concurrent GET");
+                }
+            });
+        }
+    });
+}
+
+/// Runtime add and remove of a forward to the guest's second httpd (port 81).
+fn check_runtime_forward(add: impl Fn(PortForward) -> PortForward, remove: impl Fn(&PortForward)) {
+    let f = add(PortForward::tcp(0, 81));
+    assert_ne!(f.host_port, 0, "the chosen port is reported");
+    assert_eq!(vm::http_get(f.host_port, "/blob").len(), 300_000);
+    remove(&f);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        TcpStream::connect(("127.0.0.1", f.host_port)).is_err(),
+        "a removed forward no longer listens"
+    );
+}
+
+/// Waits until the guest's counters stop moving, then compares them with the backend's.
+fn check_counters(guest: &mut Guest, metrics: impl Fn() -> boxlite::net::NetworkMetrics) {
+    let mut last = guest.next("STATS", STEP);
+    for _ in 0..20 {
+        let now = guest.next("STATS", STEP);
+        if now == last {
+            let m = metrics();
+            let again = guest.next("STATS", STEP);
+            if again == now {
+                let v: Vec<u64> = now
+                    .split_whitespace()
+                    .skip(1)
+                    .map(|x| x.parse().unwrap())
+                    .collect();
+                assert_eq!(
+                    v[0], m.rx_bytes,
+                    "guest rx bytes = backend rx bytes ({m:?})"
+                );
+                assert_eq!(
+                    v[1], m.tx_bytes,
+                    "guest tx bytes = backend tx bytes ({m:?})"
+                );
+                assert!(m.rx_packets > 0 && m.tx_packets > 0);
+                return;
+            }
+        }
+        last = now;
+    }
+    panic!("the guest's counters never settled");
+}
+
+fn blob() -> Vec<u8> {
+    vm::pattern(300_000, 7)
+}
+
+fn www_dir(dir: &std::path::Path) -> std::path::PathBuf {
+    let www = dir.join("peer-www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("blob"), vm::pattern(1_000_000, 3)).unwrap();
+    www
+}
+
+#[test]
+fn usernet_guest_dhcp_dns_nat_forwards_counters_and_flood() {
+    let _lock = vm::vm_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ns = Netns::create();
+    let www = www_dir(dir.path());
+    ns.start_servers(&www);
+    let (_case_dir, case) = run_case("23", &[]);
+    let stub = StubDns::start(&case.join("zone.json"));
+
+    let mut opts = NetworkOptions::new(NetworkKind::Usernet, dir.path());
+    opts.dns = vec![stub.addr];
+    opts.port_forwards = vec![PortForward::tcp(0, 80), PortForward::tcp(0, 9000)];
+    let mut net = Usernet::new(opts);
+    net.set_udp_idle_timeout(Duration::from_secs(2));
+    let config = net.start().unwrap();
+    let (http_port, trigger_port) = (
+        config.port_forwards[0].host_port,
+        config.port_forwards[1].host_port,
+    );
+
+    let scenario = Scenario {
+        dns: true,
+        flood: true,
+    };
+    let blob = blob();
+    let mut guest = boot_and_check_common(dir.path(), &config, &ns, &scenario, &blob);
+    let small = guest.wait_for("MARK nslookup-small", STEP);
+    assert!(
+        small.contains("198.51.100.200"),
+        "stub upstream via --dns: {small}"
+    );
+    let host = guest.wait_for("MARK nslookup-host", STEP);
+    assert!(
+        host.contains("192.168.127.254"),
+        "host.boxlite.internal: {host}"
+    );
+
+    check_http(http_port, &blob);
+    check_runtime_forward(
+        |f| net.add_port_forward(f).unwrap(),
+        |f| net.remove_port_forward(f).unwrap(),
+    );
+    let m = net.metrics();
+    assert_eq!(m.dhcp_leases, 2, "our client and udhcpc each got a lease");
+    assert!(m.dns_queries >= 2, "{m:?}");
+    assert!(m.tcp_connections_total >= 38, "{m:?}");
+
+    // Flood: 300 short TCP connections and 300 UDP flows, then everything is given back.
+    std::thread::sleep(Duration::from_millis(500));
+    let (fds0, rss0) = (vm::open_fds(), vm::rss_kib());
+    drop(TcpStream::connect(("127.0.0.1", trigger_port)).unwrap());
+    guest.wait_for("MARK flood-start", STEP);
+    let flood = guest.wait_for("MARK flood ", Duration::from_secs(300));
+    assert!(
+        flood.contains("300/300 connections") && flood.contains("300/300 flows"),
+        "{flood}"
+    );
+    let peak = net.metrics();
+    assert!(
+        peak.udp_flows > 0 || peak.tcp_connections_total >= 300,
+        "{peak:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = net.metrics();
+        let fds = vm::open_fds();
+        if m.udp_flows == 0 && m.tcp_connections == 0 && fds <= fds0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "resources not given back: fds {fds} (baseline {fds0}), {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rss = vm::rss_kib();
+    assert!(
+        rss < rss0 + 16 * 1024,
+        "memory back near baseline: {rss} KiB vs {rss0} KiB"
+    );
+
+    check_counters(&mut guest, || net.metrics());
+    drop(guest);
+    net.stop().unwrap();
+}
+
+#[test]
+fn libslirp_guest_dhcp_nat_forwards_and_counters() {
+    let _lock = vm::vm_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ns = Netns::create();
+    ns.start_servers(&www_dir(dir.path()));
+    let mut opts = NetworkOptions::new(NetworkKind::Libslirp, dir.path());
+    opts.port_forwards = vec![PortForward::tcp(0, 80)];
+    let (net, config) = NetworkHandle::start(opts).unwrap();
+    let http_port = config.port_forwards[0].host_port;
+    assert_ne!(http_port, 0);
+
+    let blob = blob();
+    let scenario = Scenario {
+        dns: false,
+        flood: false,
+    };
+    let mut guest = boot_and_check_common(dir.path(), &config, &ns, &scenario, &blob);
+    check_http(http_port, &blob);
+    check_runtime_forward(
+        |f| net.add_port_forward(f).unwrap(),
+        |f| net.remove_port_forward(f).unwrap(),
+    );
+    check_counters(&mut guest, || net.metrics());
+}
+
+#[test]
+fn passt_guest_dhcp_nat_forwards_and_counters() {
+    let _lock = vm::vm_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ns = Netns::create();
+    ns.start_servers(&www_dir(dir.path()));
+    let mut opts = NetworkOptions::new(NetworkKind::Passt, dir.path());
+    opts.port_forwards = vec![PortForward::tcp(0, 80)];
+    let (net, config) = NetworkHandle::start(opts).unwrap();
+    let http_port = config.port_forwards[0].host_port;
+
+    let blob = blob();
+    let scenario = Scenario {
+        dns: false,
+        flood: false,
+    };
+    let mut guest = boot_and_check_common(dir.path(), &config, &ns, &scenario, &blob);
+    check_http(http_port, &blob);
+    assert!(
+        net.add_port_forward(PortForward::tcp(0, 81)).is_err(),
+        "passt cannot add forwards at runtime, and says so"
+    );
+    check_counters(&mut guest, || net.metrics());
+}
