@@ -31,8 +31,11 @@ fi
 mkdir -p "$cache"
 if [ ! -f "$cache/bookworm-minbase/index.json" ]; then
   echo "bench: debootstrap --variant=minbase bookworm (once)" >&2
-  rm -rf "$cache/rootfs" "$cache/bookworm-minbase" "$cache/bundle"
-  debootstrap --variant=minbase bookworm "$cache/rootfs" "$mirror" >"$cache/debootstrap.log" 2>&1
+  rm -rf "$cache/bookworm-minbase" "$cache/bundle"
+  if [ ! -f "$cache/rootfs/etc/debian_version" ]; then
+    rm -rf "$cache/rootfs"
+    debootstrap --variant=minbase bookworm "$cache/rootfs" "$mirror" >"$cache/debootstrap.log" 2>&1
+  fi
   umoci init --layout "$cache/bookworm-minbase"
   umoci new --image "$cache/bookworm-minbase:latest"
   umoci unpack --image "$cache/bookworm-minbase:latest" "$cache/bundle" >/dev/null
