@@ -36,6 +36,8 @@ if [ ! -f "$cache/bookworm-minbase/index.json" ]; then
     rm -rf "$cache/rootfs"
     debootstrap --variant=minbase bookworm "$cache/rootfs" "$mirror" >"$cache/debootstrap.log" 2>&1
   fi
+  # debootstrap keeps the packages it installed; an image would not.
+  rm -f "$cache/rootfs/var/cache/apt/archives/"*.deb
   umoci init --layout "$cache/bookworm-minbase"
   umoci new --image "$cache/bookworm-minbase:latest"
   umoci unpack --image "$cache/bookworm-minbase:latest" "$cache/bundle" >/dev/null

@@ -558,7 +558,8 @@ impl ImageManager {
         result
     }
 
-    /// Makes sure every layer is extracted (each diff_id once, shared across images).
+    /// Makes sure every layer is extracted (each diff_id once, shared across images). Layers
+    /// are independent in the cache, so several are extracted at once.
     fn ensure_layers(
         &self,
         id: &Digest,
@@ -569,22 +570,50 @@ impl ImageManager {
             max_uncompressed_bytes: self.settings.max_layer_size,
             ..Limits::default()
         };
+        // Images repeat layers (empty ones above all): each diff_id once.
+        let mut seen = HashSet::new();
+        let work: Vec<(&Descriptor, &DiffId)> = layers
+            .iter()
+            .zip(diff_ids)
+            .filter(|(_, d)| seen.insert(*d))
+            .collect();
+        let queue = Mutex::new(work.into_iter());
+        let results = Mutex::new(Vec::new());
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 4)
+            .min(layers.len().max(1));
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| loop {
+                    let Some((layer, diff_id)) = queue.lock().expect("queue").next() else {
+                        return;
+                    };
+                    let path = self.store.blob_path(&layer.digest);
+                    let blob = LayerBlob {
+                        path: &path,
+                        media_type: &layer.media_type,
+                        digest: &layer.digest,
+                    };
+                    let result = self.storage.ensure_layer(&blob, diff_id, &limits);
+                    let failed = result.is_err();
+                    results.lock().expect("results").push((layer, result));
+                    if failed {
+                        // Stop taking new layers; the first error is reported.
+                        queue.lock().expect("queue").by_ref().for_each(drop);
+                    }
+                });
+            }
+        });
+
         let (mut extracted, mut present) = (0, 0);
-        for (layer, diff_id) in layers.iter().zip(diff_ids) {
-            let path = self.store.blob_path(&layer.digest);
-            let blob = LayerBlob {
-                path: &path,
-                media_type: &layer.media_type,
-                digest: &layer.digest,
-            };
-            let info = self
-                .storage
-                .ensure_layer(&blob, diff_id, &limits)
-                .map_err(|source| ImageError::Layer {
-                    id: id.clone(),
-                    digest: layer.digest.clone(),
-                    source: Box::new(source),
-                })?;
+        for (layer, result) in results.into_inner().expect("results") {
+            let info = result.map_err(|source| ImageError::Layer {
+                id: id.clone(),
+                digest: layer.digest.clone(),
+                source: Box::new(source),
+            })?;
             if info.extracted {
                 extracted += 1;
             } else {
