@@ -567,3 +567,57 @@ fn docker_config_auths_and_credential_helpers() {
         "{err}"
     );
 }
+
+/// Case 15 through the CLI: the layer limit comes from the home's config file, the bomb is
+/// refused naming the layer and the limit, and the pull never holds the layer in memory.
+#[test]
+fn bomb_is_refused_with_bounded_memory() {
+    let case = registry::run_case("15-", &["512"]);
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(case.path().join("expected.json")).unwrap()).unwrap();
+    let reg = Registry::start(Auth::None);
+    reg.push(
+        &format!("oci:{}:latest", case.path().join("bomb").display()),
+        "case15/bomb:1",
+        &[],
+    );
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join("config.json"),
+        r#"{"limits": {"max_layer_size": 67108864}}"#,
+    )
+    .unwrap();
+    let child = boxlite(home.path())
+        .args(["pull", "-q", &format!("{}/case15/bomb:1", reg.host())])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(home.path().join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, with valid pointers to locals.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 125,
+        "status {status}"
+    );
+    let stderr = std::fs::read_to_string(home.path().join("stderr")).unwrap();
+    assert!(
+        stderr.contains(expected["bomb"]["layer_digest"].as_str().unwrap()),
+        "{stderr}"
+    );
+    assert!(stderr.contains("67108864"), "the limit is named: {stderr}");
+    let peak_mib = usage.ru_maxrss / 1024;
+    assert!(
+        peak_mib < 128,
+        "peak RSS {peak_mib} MiB for a 512 MiB layer: not streaming"
+    );
+    assert_eq!(
+        std::fs::read_dir(home.path().join("images/layers"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
