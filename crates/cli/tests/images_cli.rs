@@ -571,6 +571,7 @@ fn docker_config_auths_and_credential_helpers() {
 /// Case 15 through the CLI: the layer limit comes from the home's config file, the bomb is
 /// refused naming the layer and the limit, and the pull never holds the layer in memory.
 #[test]
+#[allow(clippy::zombie_processes)] // reaped by wait4 below, which also reports its peak memory
 fn bomb_is_refused_with_bounded_memory() {
     let case = registry::run_case("15-", &["512"]);
     let expected: serde_json::Value =
