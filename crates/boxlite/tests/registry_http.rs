@@ -99,9 +99,16 @@ fn transient_failures_are_retried() {
     let image = scripted::tiny_image("flaky\n");
     let layer_digest = digest_of(&image.2);
     let failures = Arc::new(AtomicUsize::new(0));
+    let manifest_failures = Arc::new(AtomicUsize::new(0));
     let server = {
         let (image, failures) = (image.clone(), failures.clone());
+        let manifest_failures = manifest_failures.clone();
         Scripted::start(move |req: &Logged| {
+            if req.path().contains("/manifests/")
+                && manifest_failures.fetch_add(1, Ordering::SeqCst) < 1
+            {
+                return Reply::new(502, "bad gateway");
+            }
             if req.path().ends_with(&layer_digest) && failures.fetch_add(1, Ordering::SeqCst) < 2 {
                 return Reply::new(503, "busy");
             }
@@ -114,6 +121,11 @@ fn transient_failures_are_retried() {
         .pull(&format!("{}/flaky:1", server.host()), &quiet())
         .unwrap();
     assert_eq!(failures.load(Ordering::SeqCst), 3, "two 503s, then success");
+    assert_eq!(
+        manifest_failures.load(Ordering::SeqCst),
+        2,
+        "one 502, then success"
+    );
 
     // A permanent error is not retried.
     let server = Scripted::start(|req: &Logged| {

@@ -327,8 +327,7 @@ fn resolve_manifest(
                 });
             };
             debug!(digest = %entry.digest, %platform, "picked manifest from index");
-            let child = client
-                .manifest(repo, &entry.digest.to_string())
+            let child = manifest_with_retries(client, repo, &entry.digest.to_string())
                 .map_err(registry_err)?;
             let body = verified_document(&child.body, entry, &name, "manifest")?;
             match ManifestKind::parse(&body, child.content_type.as_deref()).map_err(|source| {
@@ -386,8 +385,33 @@ fn fetch_top_manifest(
     }
     let credential = credentials.lookup(reference.registry())?;
     let client = RegistryClient::new(reference.registry(), &upstream, credential, settings);
-    let m = client.manifest(reference.repository(), &reference.manifest_reference())?;
+    let m = manifest_with_retries(
+        &client,
+        reference.repository(),
+        &reference.manifest_reference(),
+    )?;
     Ok((client, m))
+}
+
+/// A manifest request, retried like blobs when the failure is transient (network, 5xx, 429).
+fn manifest_with_retries(
+    client: &RegistryClient,
+    repo: &str,
+    reference: &str,
+) -> Result<FetchedManifest, RegistryError> {
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempt = 1;
+    loop {
+        match client.manifest(repo, reference) {
+            Err(e) if e.is_transient() && attempt < ATTEMPTS => {
+                warn!(repo, reference, attempt, error = %e, "manifest request failed; retrying");
+                std::thread::sleep(backoff);
+                backoff *= 2;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
 }
 
 fn check_top_digest(
