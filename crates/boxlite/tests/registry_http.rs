@@ -197,3 +197,57 @@ fn mirrors_are_tried_first() {
         "manifest, config, layer from the mirror"
     );
 }
+
+/// Identity tokens (Docker's `"<token>"` user, `identitytoken` in config.json) are exchanged by
+/// the OAuth2 refresh-token grant, never sent as a password.
+#[test]
+fn identity_tokens_use_the_refresh_token_grant() {
+    let image = scripted::tiny_image("oauth\n");
+    let port = Arc::new(std::sync::OnceLock::<u16>::new());
+    let server = {
+        let (image, port) = (image.clone(), port.clone());
+        Scripted::start(move |req: &Logged| {
+            if req.path() == "/token" {
+                let form = String::from_utf8_lossy(&req.body).into_owned();
+                let ok = req.method == "POST"
+                    && form.contains("grant_type=refresh_token")
+                    && form.contains("refresh_token=REFRESH-1")
+                    && form.contains("scope=repository%3Aoauth%2Fapp%3Apull");
+                return if ok {
+                    Reply::new(200, r#"{"access_token":"ACCESS-1","expires_in":300}"#)
+                } else {
+                    Reply::new(
+                        401,
+                        r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad grant"}]}"#,
+                    )
+                };
+            }
+            if req.header("Authorization") != Some("Bearer ACCESS-1") {
+                let realm = format!("http://127.0.0.1:{}/token", port.get().unwrap());
+                return Reply::new(401, "").header(
+                    "WWW-Authenticate",
+                    &format!(r#"Bearer realm="{realm}",service="oauth-test""#),
+                );
+            }
+            serve_image("oauth/app", &image, req).unwrap_or_else(|| Reply::new(404, ""))
+        })
+    };
+    port.set(server.port()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let images = ImageManager::new(&Home::open(dir.path()).unwrap()).unwrap();
+    images
+        .credentials()
+        .save(&server.host(), &Credential::identity_token("REFRESH-1"))
+        .unwrap();
+    images
+        .pull(&format!("{}/oauth/app:1", server.host()), &quiet())
+        .unwrap();
+    let log = server.log();
+    let grants: Vec<_> = log.iter().filter(|r| r.path() == "/token").collect();
+    assert_eq!(grants.len(), 1);
+    assert_eq!(grants[0].method, "POST");
+    assert!(
+        grants[0].header("Authorization").is_none(),
+        "the token is in the form only"
+    );
+}
