@@ -41,21 +41,46 @@ unpack="$repo/target/release/examples/unpack_layout"
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 now() { date +%s.%N; }
+sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a - b }'; }
+div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
 umoci_times=() cold_times=() link_times=() extract_times=()
 for i in $(seq "$runs"); do
   rm -rf ref home out out-link; sync
   t0=$(now); umoci unpack --image layout:img ref >/dev/null; t1=$(now)
-  umoci_times+=("$(echo "$t1 - $t0" | bc)")
+  umoci_times+=("$(sub "$t1" "$t0")")
 
   rm -rf home out out-link; sync
   t0=$(now); res=$("$unpack" layout img out --home home --mode copy); t1=$(now)
-  cold_times+=("$(echo "$t1 - $t0" | bc)")
+  cold_times+=("$(sub "$t1" "$t0")")
   extract_times+=("$(echo "$res" | awk '/^extract/ {print $2}')")
 
   t0=$(now); "$unpack" layout img out-link --home home --mode link >/dev/null; t1=$(now)
-  link_times+=("$(echo "$t1 - $t0" | bc)")
+  link_times+=("$(sub "$t1" "$t0")")
 done
+# Same tree as umoci's? (paths, types, modes, owners, content, link targets, devices, xattrs,
+# mtimes, hardlink groups)
+python3 - ref/rootfs out out-link <<'PY'
+import hashlib, os, stat, sys
+def walk(root):
+    out, inodes = {}, {}
+    for dp, dns, fns in os.walk(root):
+        for n in dns + fns:
+            p = os.path.join(dp, n); rel = os.path.relpath(p, root); st = os.lstat(p)
+            x = sorted((k, os.getxattr(p, k, follow_symlinks=False)) for k in os.listxattr(p, follow_symlinks=False))
+            h = hashlib.sha256(open(p, "rb").read()).hexdigest() if stat.S_ISREG(st.st_mode) else None
+            if h: inodes.setdefault(st.st_ino, []).append(rel)
+            out[rel] = [st.st_mode, st.st_uid, st.st_gid, h, os.readlink(p) if stat.S_ISLNK(st.st_mode) else None,
+                        st.st_rdev, x, 0 if stat.S_ISLNK(st.st_mode) else st.st_mtime_ns, st.st_ino]
+    for k, v in out.items(): v[-1] = min(inodes.get(v[-1], [k])) if v[3] else None
+    return out
+ref = walk(sys.argv[1])
+for tree in sys.argv[2:]:
+    ours = walk(tree)
+    bad = sorted(k for k in set(ref) | set(ours) if ref.get(k) != ours.get(k))
+    print(f"check: {tree} vs umoci: {len(ours)} paths, {len(bad)} differences {bad[:5]}", file=sys.stderr)
+    if bad: sys.exit(1)
+PY
 rm -rf ref home out out-link
 
 u=$(printf '%s\n' "${umoci_times[@]}" | median)
@@ -67,6 +92,6 @@ printf '\nimage: debian bookworm minbase, %s paths, %s, 2 gzip layers; median of
 printf '%-46s %9s %9s\n' "what" "seconds" "vs umoci"
 printf '%-46s %9s %9s\n' "----" "-------" "--------"
 printf '%-46s %9.2f %9s\n' "umoci unpack" "$u" "1.00"
-printf '%-46s %9.2f %9.2f\n' "boxlite extract + assemble (copy), cold cache" "$c" "$(echo "$c / $u" | bc -l)"
-printf '%-46s %9.2f %9.2f\n' "  of which extraction into the layer cache" "$e" "$(echo "$e / $u" | bc -l)"
-printf '%-46s %9.2f %9.2f\n' "boxlite assemble (link), warm cache" "$l" "$(echo "$l / $u" | bc -l)"
+printf '%-46s %9.2f %9s\n' "boxlite extract + assemble (copy), cold cache" "$c" "$(div "$c" "$u")"
+printf '%-46s %9.2f %9s\n' "  of which extraction into the layer cache" "$e" "$(div "$e" "$u")"
+printf '%-46s %9.2f %9s\n' "boxlite assemble (link), warm cache" "$l" "$(div "$l" "$u")"

@@ -67,6 +67,8 @@ stamp=$( {
     "$root/scripts/build-assets.sh"
 } | sha256sum | cut -d' ' -f1)
 if [ -s "$out/initramfs.img" ] && [ -s "$out/vmlinux" ] && [ "$(cat "$out/.stamp" 2>/dev/null)" = "$stamp" ]; then
+  # The guest tests compare this date with the agent's sources.
+  touch "$out/initramfs.img"
   echo "build-assets: up to date in $out"
   exit 0
 fi

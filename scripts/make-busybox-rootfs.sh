@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Makes a minimal root filesystem tree from Debian's busybox-static: /bin/busybox with one symlink per
-# applet, /etc/passwd and /etc/group (root, a user "tester" 1000:1000, nobody), and the usual empty
+# Makes a minimal root filesystem tree from Debian's busybox-static: /bin/busybox with one relative
+# symlink per applet, /etc/passwd and /etc/group (root, a user "tester" 1000:1000, nobody), and the usual empty
 # directories. Usage: make-busybox-rootfs.sh DIR  (DIR must not exist or be empty).
 set -euo pipefail
 dir=${1:?usage: make-busybox-rootfs.sh DIR}
@@ -9,11 +9,16 @@ bb=/bin/busybox
 mkdir -p "$dir"/{bin,sbin,usr/bin,usr/sbin,etc,root,tmp,proc,sys,dev,home/tester,var/tmp,run}
 chmod 1777 "$dir/tmp" "$dir/var/tmp"
 chmod 700 "$dir/root"
+[ -s "$bb" ] || { echo "make-busybox-rootfs: $bb is empty (reinstall busybox-static)" >&2; exit 1; }
+rm -f "$dir/bin/busybox"
 cp "$bb" "$dir/bin/busybox"
 for applet in $("$bb" --list-full); do
   [ "$applet" = bin/busybox ] && continue
   mkdir -p "$dir/$(dirname "$applet")"
-  [ -e "$dir/$applet" ] || ln -s /bin/busybox "$dir/$applet"
+  # Relative links: a host-side write through one (by a test fixture, say) stays in the tree
+  # instead of landing on the host's /bin/busybox.
+  up=$(dirname "$applet" | sed -e 's|[^/][^/]*|..|g')
+  [ -e "$dir/$applet" ] || [ -L "$dir/$applet" ] || ln -s "$up/bin/busybox" "$dir/$applet"
 done
 cat > "$dir/etc/passwd" <<'P'
 root:x:0:0:root:/root:/bin/sh

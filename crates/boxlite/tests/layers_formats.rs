@@ -195,3 +195,79 @@ fn names_that_are_not_utf8() {
         .collect();
     assert_eq!(names, [[b"keep-".as_slice(), &latin1].concat()]);
 }
+
+#[test]
+fn progress_is_reported() {
+    use std::sync::Mutex;
+    let big: Vec<u8> = (0..12u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let tar = tar_bytes(&[file("big.bin", &big, 0o644)]);
+    let blob = gzip(&tar);
+    let cache = Cache::new();
+    let path = cache.tmp.path().join("blob");
+    fs::write(&path, &blob).unwrap();
+    let (digest, diff_id) = (Digest::of(&blob), Digest::of(&tar));
+    let seen = Mutex::new(Vec::new());
+    cache
+        .storage
+        .ensure_layer_with_progress(
+            &LayerBlob {
+                path: &path,
+                media_type: support::TAR_GZIP,
+                digest: &digest,
+            },
+            &diff_id,
+            &Limits::default(),
+            &|p| seen.lock().unwrap().push(p),
+        )
+        .unwrap();
+    let seen = seen.into_inner().unwrap();
+    assert!(seen.len() >= 3, "{seen:?}");
+    assert!(seen
+        .windows(2)
+        .all(|w| w[0].uncompressed <= w[1].uncompressed && w[0].blob_read <= w[1].blob_read));
+    let last = seen.last().unwrap();
+    assert_eq!(
+        (last.blob_read, last.blob_bytes, last.uncompressed),
+        (blob.len() as u64, blob.len() as u64, tar.len() as u64)
+    );
+}
+
+#[test]
+fn link_mode_copies_across_filesystems() {
+    use std::os::unix::fs::MetadataExt;
+    let shm = std::path::Path::new("/dev/shm");
+    let cache = Cache::new();
+    if !shm.is_dir()
+        || fs::metadata(shm).unwrap().dev() == fs::metadata(cache.tmp.path()).unwrap().dev()
+    {
+        panic!("needs /dev/shm on a filesystem other than the temporary directory's");
+    }
+    let info = cache
+        .add_bytes(&tar_bytes(&[
+            file("a", b"a\n", 0o640),
+            support::hardlink("b", "a"),
+        ]))
+        .unwrap();
+    let dest_parent = tempfile::tempdir_in(shm).unwrap();
+    let dest = dest_parent.path().join("rootfs");
+    let stats = boxlite::images::assemble::assemble(
+        &cache.storage,
+        &[info.diff_id],
+        &dest,
+        AssembleMode::Link,
+    )
+    .unwrap();
+    assert_eq!(stats.link_fallbacks, 2);
+    assert_eq!(
+        (stats.files_linked, stats.files_copied, stats.hardlinks),
+        (0, 1, 1)
+    );
+    assert_eq!(fs::read_to_string(dest.join("b")).unwrap(), "a\n");
+    assert_eq!(
+        fs::metadata(dest.join("a")).unwrap().ino(),
+        fs::metadata(dest.join("b")).unwrap().ino()
+    );
+    assert_eq!(fs::metadata(dest.join("a")).unwrap().mode() & 0o7777, 0o640);
+}

@@ -491,15 +491,17 @@ fn sparse_files_gnu_and_pax() {
         assert!(bytes.len() < 1 << 20, "{format}: tar itself is sparse");
         let cache = Cache::new();
         let info = cache.add_bytes(&bytes).unwrap();
-        let (root, r) = cache.assemble(&[info.diff_id], AssembleMode::Link);
-        r.unwrap();
-        let got = fs::read(root.join("sparse.img")).unwrap();
-        assert!(got == want, "{format}: sparse content differs");
-        let blocks = fs::metadata(root.join("sparse.img")).unwrap().blocks();
-        assert!(
-            blocks * 512 < 1 << 20,
-            "{format}: holes stay holes ({blocks} blocks)"
-        );
+        for mode in [AssembleMode::Link, AssembleMode::Copy] {
+            let (root, r) = cache.assemble(std::slice::from_ref(&info.diff_id), mode);
+            r.unwrap();
+            let got = fs::read(root.join("sparse.img")).unwrap();
+            assert!(got == want, "{format} {mode:?}: sparse content differs");
+            let blocks = fs::metadata(root.join("sparse.img")).unwrap().blocks();
+            assert!(
+                blocks * 512 < 1 << 20,
+                "{format} {mode:?}: holes stay holes ({blocks} blocks)"
+            );
+        }
     }
 }
 
@@ -629,4 +631,46 @@ fn many_placeholder_directories_links_and_replacements() {
             fs::metadata(root.join("lower")).unwrap().ino()
         );
     }
+}
+
+#[test]
+fn sparse_members_count_their_holes_against_the_limit() {
+    use boxlite::images::digest::Digest;
+    use boxlite::images::storage::{LayerBlob, Limits};
+    let src = tempfile::tempdir().unwrap();
+    let f = fs::File::create(src.path().join("huge-hole.img")).unwrap();
+    f.set_len(1 << 30).unwrap();
+    drop(f);
+    let bytes = gnu_tar(
+        &["--sparse", "--format=posix", "-cf", "-", "huge-hole.img"],
+        src.path(),
+    );
+    assert!(bytes.len() < 1 << 20);
+    let cache = Cache::new();
+    let path = cache.tmp.path().join("sparse.tar");
+    fs::write(&path, &bytes).unwrap();
+    let digest = Digest::of(&bytes);
+    let limits = Limits {
+        max_uncompressed_bytes: 64 << 20,
+        ..Limits::default()
+    };
+    let err = cache
+        .storage
+        .ensure_layer(
+            &LayerBlob {
+                path: &path,
+                media_type: support::TAR,
+                digest: &digest,
+            },
+            &digest,
+            &limits,
+        )
+        .unwrap_err();
+    let msg = error_chain(&err);
+    assert!(
+        msg.contains("huge-hole.img") && msg.contains(&(64u64 << 20).to_string()),
+        "{msg}"
+    );
+    assert_eq!(fs::read_dir(cache.home.tmp_dir()).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(cache.home.layers_dir()).unwrap().count(), 0);
 }

@@ -37,13 +37,13 @@ fn matches_umoci_unpack() {
     );
 
     let image = read_layout(&work.path().join("layout"), Some("img"));
-    assert_eq!(image.layers.len(), 3);
+    assert_eq!(image.layers.len(), 4);
     let reference = manifest(&work.path().join("ref/rootfs"));
     assert!(reference.len() > 300, "the reference tree is a real rootfs");
 
     let cache = Cache::new();
     let ids = cache.add_image(&image, &Limits::default()).unwrap();
-    assert_eq!(cache.storage.extractions(), 3);
+    assert_eq!(cache.storage.extractions(), 4);
     let cmp = Compare {
         mtimes: true,
         root_attrs: false,
@@ -57,7 +57,7 @@ fn matches_umoci_unpack() {
     for mode in [AssembleMode::Copy, AssembleMode::Link] {
         let (root, stats) = cache.assemble(&ids, mode);
         let stats = stats.unwrap();
-        assert_eq!(stats.layers, 3);
+        assert_eq!(stats.layers, 4);
         let ours = manifest(&root);
         let differences = diff(&ours, &reference, &cmp);
         assert!(
@@ -86,5 +86,5 @@ fn matches_umoci_unpack() {
     }
     // A second image with the same layers extracts nothing.
     cache.add_image(&image, &Limits::default()).unwrap();
-    assert_eq!(cache.storage.extractions(), 3);
+    assert_eq!(cache.storage.extractions(), 4);
 }

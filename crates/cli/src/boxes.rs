@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use boxlite::litebox::{ExecError, ExecOptions, ExecSession, ExitStatus, LiteBox};
-use boxlite::runtime::config::{parse_mount, parse_port, parse_size, BoxOptions, NetworkKind};
+use boxlite::rootfs::size::parse_size;
+use boxlite::runtime::config::{parse_mount, BoxOptions, NetworkKind, PortForward};
 use boxlite::runtime::record::BoxRecord;
 use boxlite::runtime::{Runtime, RuntimeError};
 use boxlite::vmm::accel::{AccelChoice, AccelDecision};
@@ -52,6 +53,41 @@ pub enum BoxCommand {
     },
     /// Run a command in a running Box.
     Exec(ExecArgs),
+    /// Network and resource counters of a running Box.
+    Stats {
+        #[arg(value_name = "BOX")]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Port forwards of a Box: add and remove them while it runs, list them.
+    Port {
+        #[command(subcommand)]
+        command: PortCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PortCommand {
+    /// Forward [IP:]HOSTPORT:GUESTPORT[/tcp|/udp] to the running Box (HOSTPORT 0 picks one).
+    Add {
+        #[arg(value_name = "BOX")]
+        name: String,
+        forward: String,
+    },
+    /// Remove a forward.
+    Rm {
+        #[arg(value_name = "BOX")]
+        name: String,
+        forward: String,
+    },
+    /// List the forwards in effect.
+    Ls {
+        #[arg(value_name = "BOX")]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -198,10 +234,24 @@ pub fn run(cmd: BoxCommand) -> anyhow::Result<u8> {
                 "dir": paths.dir, "disk": paths.disk(), "console_log": paths.console_log(),
                 "control_socket": paths.control_socket(),
             });
+            let network = std::fs::read_to_string(paths.network_file()).ok();
+            value["network"] = network
+                .and_then(|n| serde_json::from_str(&n).ok())
+                .unwrap_or(serde_json::Value::Null);
             println!("{}", serde_json::to_string_pretty(&value)?);
             Ok(0)
         }
         BoxCommand::Exec(args) => exec(&rt, args),
+        BoxCommand::Stats { name, json } => {
+            let stats = rt.get(&name)?.stats()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                print_stats(&stats);
+            }
+            Ok(0)
+        }
+        BoxCommand::Port { command } => port(&rt, command),
     }
 }
 
@@ -228,7 +278,7 @@ fn box_options(
     opts.tty = flags.tty;
     opts.cpus = flags.cpus;
     opts.memory_mib = flags.memory;
-    opts.disk_size = parse_size(&flags.disk_size).map_err(anyhow::Error::msg)?;
+    opts.disk_size = parse_size(&flags.disk_size)?;
     opts.mounts = flags
         .volumes
         .iter()
@@ -238,13 +288,9 @@ fn box_options(
     opts.ports = flags
         .ports
         .iter()
-        .map(|p| parse_port(p))
-        .collect::<Result<_, _>>()
-        .map_err(anyhow::Error::msg)?;
-    opts.network = flags
-        .network
-        .parse::<NetworkKind>()
-        .map_err(anyhow::Error::msg)?;
+        .map(|p| p.parse::<PortForward>())
+        .collect::<Result<_, _>>()?;
+    opts.network = flags.network.parse::<NetworkKind>()?;
     for dns in &flags.dns {
         dns.parse::<std::net::IpAddr>()
             .with_context(|| format!("invalid --dns {dns:?}"))?;
@@ -403,4 +449,49 @@ fn ls_json(b: &BoxRecord) -> serde_json::Value {
         "created_at": b.created_at, "started_at": b.started_at, "finished_at": b.finished_at,
         "shim_pid": b.shim_pid, "vmm_pid": b.vmm_pid,
     })
+}
+
+fn port(rt: &Runtime, command: PortCommand) -> anyhow::Result<u8> {
+    match command {
+        PortCommand::Add { name, forward } => {
+            let spec: PortForward = forward.parse()?;
+            let added = rt.get(&name)?.port_add(&spec)?;
+            println!("{}", added);
+        }
+        PortCommand::Rm { name, forward } => {
+            let spec: PortForward = forward.parse()?;
+            rt.get(&name)?.port_remove(&spec)?;
+        }
+        PortCommand::Ls { name, json } => {
+            let ports = rt.get(&name)?.ports()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ports)?);
+            } else {
+                for p in ports {
+                    println!("{p}");
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn print_stats(stats: &serde_json::Value) {
+    let net = &stats["network"];
+    if net.is_object() {
+        println!("network:");
+        if let Some(map) = net.as_object() {
+            for (k, v) in map {
+                println!("  {k:<24} {v}");
+            }
+        }
+    } else {
+        println!("network: none");
+    }
+    println!("resources:");
+    if let Some(map) = stats["resources"].as_object() {
+        for (k, v) in map {
+            println!("  {k:<24} {v}");
+        }
+    }
 }

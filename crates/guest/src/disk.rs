@@ -66,7 +66,7 @@ pub fn find_by_serial(serial: &str, timeout: Duration) -> Result<PathBuf, DiskEr
                 }
                 let found = fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
                 let found = found.trim().to_string();
-                if found == serial {
+                if serial_matches(serial, &found) {
                     return Ok(PathBuf::from("/dev").join(&name));
                 }
                 seen.push(format!("{name}={found}"));
@@ -81,6 +81,16 @@ pub fn find_by_serial(serial: &str, timeout: Duration) -> Result<PathBuf, DiskEr
         }
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// virtio-blk carries at most this many bytes of a serial; QEMU cuts longer ones.
+const SERIAL_BYTES: usize = 20;
+
+/// Whether the serial the guest sees (`found`) is the one the host set (`wanted`), which may have
+/// been cut to [`SERIAL_BYTES`] on the way.
+fn serial_matches(wanted: &str, found: &str) -> bool {
+    let wanted = wanted.as_bytes();
+    !found.is_empty() && found.as_bytes() == &wanted[..wanted.len().min(SERIAL_BYTES)]
 }
 
 /// What the start of a device holds.
@@ -209,8 +219,9 @@ pub fn format_if_empty(
 nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
 nix::ioctl_write_ptr!(ext4_resize_fs, b'f', 16, u64);
 
-/// Grows the ext4 filesystem mounted at `mount_point` to fill `device` (online resize).
-pub fn grow(device: &Path, mount_point: &Path) -> Result<(), DiskError> {
+/// Grows the ext4 filesystem mounted at `mount_point` to fill `device` (online resize); returns
+/// the filesystem's size in blocks. A filesystem that already fills its device is left as is.
+pub fn grow(device: &Path, mount_point: &Path) -> Result<u64, DiskError> {
     let grow_err = |blocks, source| DiskError::Grow {
         device: device.to_path_buf(),
         blocks,
@@ -226,12 +237,27 @@ pub fn grow(device: &Path, mount_point: &Path) -> Result<(), DiskError> {
     let root = File::open(mount_point).map_err(|e| grow_err(blocks, e))?;
     // SAFETY: EXT4_IOC_RESIZE_FS reads one u64 (the new block count) through a valid pointer.
     unsafe { ext4_resize_fs(root.as_raw_fd(), &blocks) }.map_err(|e| grow_err(blocks, e.into()))?;
-    Ok(())
+    Ok(blocks)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serials_match_exactly_or_as_virtio_cuts_them() {
+        assert!(serial_matches("root", "root"));
+        assert!(!serial_matches("root", "root2"));
+        assert!(!serial_matches("", ""));
+        assert!(serial_matches(
+            "vol-0123456789abcdefXYZ",
+            "vol-0123456789abcdef"
+        ));
+        assert!(!serial_matches(
+            "vol-0123456789abcdefXYZ",
+            "vol-0123456789abcde"
+        ));
+    }
 
     #[test]
     fn signatures_zeros_and_junk_are_told_apart() {

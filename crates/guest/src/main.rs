@@ -21,6 +21,7 @@ mod session;
 mod setup;
 mod shutdown;
 mod spawn;
+mod streams;
 mod user;
 
 use std::path::Path;
@@ -50,14 +51,15 @@ fn main() {
         let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
     }
 
+    // Before any thread exists, so that every thread inherits the mask (see `reaper`).
+    if let Err(e) = reaper::block_sigchld() {
+        log!("cannot block SIGCHLD: {e}");
+    }
     modules::open_catalog(Path::new("/boxlite"));
     for module in modules::BOOT_MODULES {
         modules::ensure(module);
     }
     log!("boot modules loaded");
-    if let Err(e) = reaper::block_sigchld() {
-        log!("cannot block SIGCHLD: {e}");
-    }
     let reaper = reaper::start();
 
     let (reader, sink) = loop {

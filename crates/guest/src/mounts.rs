@@ -3,7 +3,8 @@
 //!
 //! Paths are resolved after `chroot`, so a symlink in the image can only lead somewhere inside the
 //! Box. A single-file share mounts its source on a staging directory in /dev, bind-mounts the one
-//! file onto the target, and detaches the staging mount.
+//! file onto the target, and detaches the staging mount; a read-only mount of a disk or share that
+//! is already mounted read-write elsewhere in the Box goes the same way with the whole directory.
 
 use std::fs::{self, OpenOptions};
 use std::io;
@@ -13,6 +14,7 @@ use std::path::{Component, Path, PathBuf};
 use boxlite_protocol::{MountSource, MountSpec};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
+use crate::console::log;
 use crate::disk::{self, DISK_WAIT};
 use crate::early::mount_pseudo;
 
@@ -59,13 +61,24 @@ pub fn mount_system() -> io::Result<()> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some("mode=1777"),
     )?;
-    // /dev/ptmx must open the new devpts instance.
-    if fs::symlink_metadata("/dev/ptmx")
-        .map(|m| !m.file_type().is_symlink())
-        .unwrap_or(true)
-    {
-        let _ = fs::remove_file("/dev/ptmx");
-        std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx")?;
+    // cgroup v2, where container-aware programs look for their limits; a kernel without it is
+    // not a reason to fail the Box.
+    if let Err(e) = mount_pseudo("cgroup2", "/sys/fs/cgroup", hardened, None) {
+        log!("{e}");
+    }
+    // /dev/ptmx must open the new devpts instance; the rest are the links docker provides.
+    for (link, target) in [
+        ("/dev/ptmx", "pts/ptmx"),
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        let is_link = fs::symlink_metadata(link).is_ok_and(|m| m.file_type().is_symlink());
+        if !is_link {
+            let _ = fs::remove_file(link);
+            std::os::unix::fs::symlink(target, link)?;
+        }
     }
     let tmp = Path::new("/tmp");
     if !tmp.is_dir() {
@@ -104,27 +117,34 @@ pub fn mount_one(spec: &MountSpec, index: usize) -> Result<(), MountError> {
     };
     let target = PathBuf::from(&spec.target);
 
-    let Some(file) = &spec.file else {
-        create_dir(&target)?;
-        return mount(
-            Some(source.as_str()),
-            &target,
-            Some(fstype.as_str()),
-            flags,
-            None::<&str>,
-        )
-        .map_err(|e| mount_err(&target, e));
+    let inner = match &spec.file {
+        None => {
+            create_dir(&target)?;
+            let direct = mount(
+                Some(source.as_str()),
+                &target,
+                Some(fstype.as_str()),
+                flags,
+                None::<&str>,
+            );
+            match direct {
+                Ok(()) => return Ok(()),
+                // The same disk or share is already mounted read-write elsewhere in the Box, and
+                // the kernel refuses a second mount with other flags: bind a read-only view.
+                Err(nix::errno::Errno::EBUSY) if spec.readonly => None,
+                Err(e) => return Err(mount_err(&target, e)),
+            }
+        }
+        Some(file) => Some(relative_inside(file).ok_or_else(|| MountError::BadFile {
+            file: file.clone(),
+            target: spec.target.clone(),
+        })?),
     };
 
-    let inner = relative_inside(file).ok_or_else(|| MountError::BadFile {
-        file: file.clone(),
-        target: spec.target.clone(),
-    })?;
     let staging = PathBuf::from(format!("/dev/.boxlite-share-{index}"));
     create_dir(&staging)?;
-    // The share itself is mounted read-write when it can be (the same disk may be mounted
-    // read-write elsewhere in the Box, and the kernel refuses a second mount with other flags);
-    // the bind mount carries the read-only flag.
+    // The share itself is mounted read-write when it can be; the bind mount carries the
+    // read-only flag.
     let mount_share = |flags| {
         mount(
             Some(source.as_str()),
@@ -134,16 +154,20 @@ pub fn mount_one(spec: &MountSpec, index: usize) -> Result<(), MountError> {
             None::<&str>,
         )
     };
-    mount_share(MsFlags::empty())
+    let result = mount_share(MsFlags::empty())
         .or_else(|_| mount_share(MsFlags::MS_RDONLY))
-        .map_err(|e| mount_err(&staging, e))?;
-    let result = bind_file(&staging.join(inner), &target, spec, &mount_err);
+        .map_err(|e| mount_err(&staging, e))
+        .and_then(|()| match &inner {
+            Some(inner) => bind(&staging.join(inner), &target, spec, &mount_err),
+            None => bind(&staging, &target, spec, &mount_err),
+        });
     let _ = umount2(&staging, MntFlags::MNT_DETACH);
     let _ = fs::remove_dir(&staging);
     result
 }
 
-fn bind_file(
+/// Bind-mounts `source` (a file or a directory) on `target`, read-only when the spec says so.
+fn bind(
     source: &Path,
     target: &Path,
     spec: &MountSpec,
@@ -155,19 +179,23 @@ fn bind_file(
             target: spec.target.clone(),
         });
     }
-    if let Some(parent) = target.parent() {
-        create_dir(parent)?;
-    }
-    if !target.exists() {
-        OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(target)
-            .map_err(|source| MountError::Prepare {
-                path: target.to_path_buf(),
-                source,
-            })?;
+    if source.is_dir() {
+        create_dir(target)?;
+    } else {
+        if let Some(parent) = target.parent() {
+            create_dir(parent)?;
+        }
+        if !target.exists() {
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(target)
+                .map_err(|source| MountError::Prepare {
+                    path: target.to_path_buf(),
+                    source,
+                })?;
+        }
     }
     mount(
         Some(source),

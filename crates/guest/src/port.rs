@@ -6,12 +6,13 @@
 //! blocking write makes the guest kernel spin until the host has consumed the buffer, which under
 //! TCG costs most of the throughput; non-blocking writes queue up to the virtqueue's size and wait
 //! in `poll` only when it is full. While no host is connected, Linux makes reads return 0 and
-//! `poll` report POLLHUP at once; both ends then wait in short sleeps, so a shim that reconnects
-//! finds the agent still serving.
+//! `poll` report POLLHUP at once; the reader then drops any partial frame and waits for the next
+//! host, and writers wait in short sleeps, so a shim that reconnects finds the agent still serving.
 //!
-//! Known shortcoming: a host that disconnects in the middle of a frame leaves the rest of that
-//! frame unsent, and the next connection starts out of step; the agent then logs framing errors
-//! until the stream happens to line up again.
+//! Known shortcomings: a host that reconnects faster than the agent notices the disconnection
+//! (tens of milliseconds) may still see a half frame completed with its own bytes; and bytes of a
+//! guest frame that QEMU held when the host went away are lost, so the next host may start reading
+//! in the middle of a frame. The protocol has no resynchronisation marker for either case.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -71,7 +72,9 @@ fn wait_for(file: &File, events: PollFlags) {
     }
 }
 
-/// Reads the port; while nothing is there or no host is connected it waits instead of ending.
+/// Reads the port. Waits while nothing is there; reports a host that went away as
+/// `ConnectionReset`, so that a frame cut short by the disconnection is dropped rather than
+/// completed with the next host's bytes.
 #[derive(Debug)]
 pub struct PortReader {
     file: File,
@@ -81,13 +84,36 @@ impl PortReader {
     pub fn new(file: File) -> PortReader {
         PortReader { file }
     }
+
+    /// Waits until a host is connected to the port.
+    pub fn wait_for_host(&self) {
+        loop {
+            let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];
+            let hung_up = match poll(&mut fds, PollTimeout::from(100u16)) {
+                Ok(_) => fds[0]
+                    .revents()
+                    .is_none_or(|r| r.contains(PollFlags::POLLHUP)),
+                Err(_) => true,
+            };
+            if !hung_up {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Read for PortReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             match self.file.read(buf) {
-                Ok(0) if !buf.is_empty() => wait_for(&self.file, PollFlags::POLLIN),
+                // Linux returns 0 once the buffered data is read and no host is connected.
+                Ok(0) if !buf.is_empty() => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "no host connected to the agent port",
+                    ))
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     wait_for(&self.file, PollFlags::POLLIN)
                 }
@@ -149,5 +175,31 @@ impl Write for PortWriter<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Seek;
+
+    use boxlite_protocol::read_frame;
+
+    use super::*;
+
+    #[test]
+    fn stream_data_is_split_into_frames_of_at_most_max_body() {
+        let file = tempfile::tempfile().unwrap();
+        let sink = FrameSink::new(file.try_clone().unwrap());
+        let data: Vec<u8> = (0..(2 * MAX_BODY + 10)).map(|i| i as u8).collect();
+        sink.data(4, Tag::Stdout, &data).unwrap();
+        sink.control(4, &Control::Started { pid: 7 }).unwrap();
+
+        let mut file = file;
+        file.rewind().unwrap();
+        let sizes: Vec<usize> = std::iter::from_fn(|| read_frame(&mut file).unwrap())
+            .map(|f| f.body.len())
+            .collect();
+        assert_eq!(sizes[..3], [MAX_BODY, MAX_BODY, 10]);
+        assert_eq!(sizes.len(), 4, "the control frame follows the data");
     }
 }

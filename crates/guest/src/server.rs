@@ -3,8 +3,10 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use boxlite_protocol::{read_frame, Control, Frame, Tag, BOX_CHANNEL, PROTOCOL_VERSION};
 
@@ -17,12 +19,16 @@ use crate::shutdown;
 
 type Sessions = Arc<Mutex<HashMap<u32, Arc<Session>>>>;
 
+/// How many sessions have not yet sent their last message.
+type Unreported = Arc<AtomicUsize>;
+
 /// The agent's state while serving.
 #[derive(Debug)]
 pub struct Server {
     sink: Arc<FrameSink>,
     reaper: &'static Reaper,
     sessions: Sessions,
+    unreported: Unreported,
     stage: Stage,
 }
 
@@ -32,6 +38,7 @@ impl Server {
             sink: Arc::new(sink),
             reaper,
             sessions: Arc::default(),
+            unreported: Arc::default(),
             stage: Stage::Initramfs,
         }
     }
@@ -42,12 +49,16 @@ impl Server {
             match read_frame(&mut reader) {
                 Ok(Some(frame)) => self.handle(frame),
                 Ok(None) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    reader.wait_for_host();
+                    log!("host connected");
+                }
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                     log!("bad frame from the host: {e}");
                 }
                 Err(e) => {
                     log!("reading the agent port failed: {e}");
-                    thread::sleep(std::time::Duration::from_millis(100));
+                    thread::sleep(Duration::from_millis(100));
                 }
             }
         }
@@ -97,7 +108,10 @@ impl Server {
                 };
                 self.reply(BOX_CHANNEL, reply);
             }
-            Control::Shutdown => shutdown::power_off(),
+            Control::Shutdown => {
+                let unreported = Arc::clone(&self.unreported);
+                shutdown::power_off(move || wait_for_reports(&unreported))
+            }
             other => self.reply(
                 BOX_CHANNEL,
                 Control::Error {
@@ -153,17 +167,26 @@ impl Server {
         }
         let sink = Arc::clone(&self.sink);
         let sessions = Arc::clone(&self.sessions);
+        let unreported = Arc::clone(&self.unreported);
+        unreported.fetch_add(1, Ordering::SeqCst);
         let reaper = self.reaper;
         let spawned = thread::Builder::new()
             .name(format!("session-{channel}"))
             .spawn(move || {
-                session.run(&req, input, &sink, reaper);
+                let last = session.run(&req, input, &sink, reaper);
+                // Free the channel first: a host that reuses it right after `Exited` must find
+                // it free.
                 sessions
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&channel);
+                if let Err(e) = sink.control(channel, &last) {
+                    log!("channel {channel}: cannot report the end of the session: {e}");
+                }
+                unreported.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
+            self.unreported.fetch_sub(1, Ordering::SeqCst);
             self.sessions
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -185,6 +208,18 @@ impl Server {
         if let Err(e) = self.sink.control(channel, &msg) {
             log!("cannot reply on channel {channel}: {e}");
         }
+    }
+}
+
+/// Waits until every session has sent its last message, for at most two seconds.
+fn wait_for_reports(unreported: &AtomicUsize) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while unreported.load(Ordering::SeqCst) > 0 {
+        if Instant::now() >= deadline {
+            log!("sessions still reporting at power-off");
+            return;
+        }
+        thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -2,25 +2,18 @@
 //! as frames, its exit reported last.
 //!
 //! Threads: the session thread resolves and starts the process and waits for its exit status from
-//! the reaper; one thread per output stream reads and forwards; one thread feeds stdin. After the
-//! process ends, output is drained until end of file, or until the stream has stayed idle for
-//! [`LINGER`] (a background child may keep the pipe open forever); only then is `Exited` sent.
+//! the reaper; one thread per output stream reads and forwards, one thread feeds stdin (see
+//! `streams`); once the output is drained, `Exited` is sent.
 
 use std::ffi::CString;
-use std::fs::File;
-use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
 
-use boxlite_protocol::{Control, ExecRequest, Tag, MAX_BODY};
-use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::pty::{openpty, Winsize};
+use boxlite_protocol::{Control, ExecRequest, Tag};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
@@ -29,11 +22,8 @@ use crate::lookup::{find_program, LookupError};
 use crate::port::FrameSink;
 use crate::reaper::{ExitStatus, Reaper};
 use crate::spawn::{self, ProcessSpec, SpawnError, Step};
+use crate::streams::{feed_input, pipe, pump_output, set_window_size, Stdio};
 use crate::user;
-
-/// How long output may stay idle after the process ended before the session stops waiting for
-/// end of file.
-pub const LINGER: Duration = Duration::from_millis(250);
 
 /// Why a session could not start. The message goes to the host in `Control::Error`; the ones
 /// about the program follow docker's wording (see `lookup`).
@@ -149,17 +139,17 @@ impl Session {
         self.handles.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs the session to its end; sends `Started`, the output, then `Exited` (or `Error`).
+    /// Runs the session to its end: sends `Started` and the output, and returns the message that
+    /// ends the channel (`Exited`, or `Error` when the process could not start). The caller sends
+    /// it once the channel is free for reuse.
     pub fn run(
         &self,
         req: &ExecRequest,
         input: Receiver<Input>,
         sink: &Arc<FrameSink>,
         reaper: &Reaper,
-    ) {
-        let channel = self.channel;
-        let outcome = self.start_and_wait(req, input, sink, reaper);
-        let msg = match outcome {
+    ) -> Control {
+        match self.start_and_wait(req, input, sink, reaper) {
             Ok(ExitStatus::Code(code)) => Control::Exited {
                 code: Some(code),
                 signal: None,
@@ -170,12 +160,9 @@ impl Session {
             },
             Err(e) => {
                 let message = e.to_string();
-                log!("exec on channel {channel} failed: {message}");
+                log!("exec on channel {} failed: {message}", self.channel);
                 Control::Error { message }
             }
-        };
-        if let Err(e) = sink.control(channel, &msg) {
-            log!("channel {channel}: cannot report the end of the session: {e}");
         }
     }
 
@@ -274,94 +261,6 @@ impl Session {
     }
 }
 
-/// The descriptors of a session: the child's ends and the agent's ends.
-struct Stdio {
-    /// The child's 0, 1, 2 (closed in the agent once the child started).
-    child: [Arc<OwnedFd>; 3],
-    stdin: Option<Arc<OwnedFd>>,
-    stdout: Option<Arc<OwnedFd>>,
-    stderr: Option<Arc<OwnedFd>>,
-    terminal: Option<Arc<OwnedFd>>,
-}
-
-impl Stdio {
-    fn new(req: &ExecRequest) -> Result<Stdio, ExecError> {
-        if req.tty {
-            let size = Winsize {
-                ws_row: if req.rows == 0 { 24 } else { req.rows },
-                ws_col: if req.cols == 0 { 80 } else { req.cols },
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            };
-            let pty = openpty(Some(&size), None).map_err(|errno| ExecError::Stdio {
-                what: "openpty",
-                errno,
-            })?;
-            cloexec(&pty.master)?;
-            cloexec(&pty.slave)?;
-            let master = Arc::new(pty.master);
-            let slave = Arc::new(pty.slave);
-            return Ok(Stdio {
-                child: [slave.clone(), slave.clone(), slave],
-                stdin: req.stdin.then(|| master.clone()),
-                stdout: Some(master.clone()),
-                stderr: None,
-                terminal: Some(master),
-            });
-        }
-        let (stdin_child, stdin) = if req.stdin {
-            let (r, w) = pipe()?;
-            (r, Some(w))
-        } else {
-            let null = spawn::dev_null().map_err(|e| ExecError::Stdio {
-                what: "/dev/null",
-                errno: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
-            })?;
-            (null, None)
-        };
-        let (stdout, stdout_child) = pipe()?;
-        let (stderr, stderr_child) = pipe()?;
-        Ok(Stdio {
-            child: [
-                Arc::new(stdin_child),
-                Arc::new(stdout_child),
-                Arc::new(stderr_child),
-            ],
-            stdin: stdin.map(Arc::new),
-            stdout: Some(Arc::new(stdout)),
-            stderr: Some(Arc::new(stderr)),
-            terminal: None,
-        })
-    }
-
-    fn child_fds(&self) -> [i32; 3] {
-        [
-            self.child[0].as_raw_fd(),
-            self.child[1].as_raw_fd(),
-            self.child[2].as_raw_fd(),
-        ]
-    }
-}
-
-fn pipe() -> Result<(OwnedFd, OwnedFd), ExecError> {
-    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|errno| ExecError::Stdio {
-        what: "pipe",
-        errno,
-    })?;
-    // A larger pipe means fewer wake-ups for bulk output; the default size is fine if refused.
-    let _ = fcntl(w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(1 << 20));
-    Ok((r, w))
-}
-
-fn cloexec(fd: &OwnedFd) -> Result<(), ExecError> {
-    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
-        .map(drop)
-        .map_err(|errno| ExecError::Stdio {
-            what: "close-on-exec",
-            errno,
-        })
-}
-
 fn cstring(bytes: &[u8]) -> Result<CString, ExecError> {
     CString::new(bytes).map_err(|_| ExecError::NulByte(String::from_utf8_lossy(bytes).into()))
 }
@@ -401,96 +300,5 @@ fn spawn_error(program: &str, cwd: &str, e: SpawnError) -> ExecError {
             errno,
         },
         other => ExecError::Spawn(other),
-    }
-}
-
-fn set_window_size(fd: i32, rows: u16, cols: u16) {
-    let size = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer; fd is the terminal's master.
-    unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &size) };
-}
-
-/// Forwards one output stream until end of file, or until it has stayed idle for [`LINGER`]
-/// after the process ended (`exit_notice` reports a hang-up then).
-fn pump_output(fd: &OwnedFd, channel: u32, tag: Tag, sink: &FrameSink, exit_notice: &OwnedFd) {
-    let mut buf = vec![0u8; MAX_BODY];
-    // Since when the stream is idle after the process ended.
-    let mut idle_since: Option<Instant> = None;
-    loop {
-        let readable = match idle_since {
-            None => {
-                let mut fds = [
-                    PollFd::new(fd.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(exit_notice.as_fd(), PollFlags::POLLIN),
-                ];
-                match poll(&mut fds, PollTimeout::NONE) {
-                    Ok(_) => {}
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(_) => return,
-                }
-                if fds[1].any().unwrap_or(false) {
-                    idle_since = Some(Instant::now());
-                }
-                fds[0].any().unwrap_or(false)
-            }
-            Some(since) => {
-                let left = LINGER.saturating_sub(since.elapsed());
-                if left.is_zero() {
-                    return;
-                }
-                let millis = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-                let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-                match poll(&mut fds, PollTimeout::from(millis)) {
-                    Ok(n) => n > 0,
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(_) => return,
-                }
-            }
-        };
-        if !readable {
-            continue;
-        }
-        match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
-            // EIO: the terminal's last slave descriptor closed.
-            Ok(0) | Err(nix::errno::Errno::EIO) => return,
-            Ok(n) => {
-                if idle_since.is_some() {
-                    idle_since = Some(Instant::now());
-                }
-                if sink.data(channel, tag, &buf[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::EAGAIN) => {}
-            Err(_) => return,
-        }
-    }
-}
-
-/// Writes the host's stdin into the process; end of stdin closes the pipe, or sends the
-/// terminal's end-of-file character (^D) to a tty.
-fn feed_input(fd: Arc<OwnedFd>, input: Receiver<Input>, tty: bool) {
-    let mut file = match fd.try_clone() {
-        Ok(fd) => File::from(fd),
-        Err(_) => return,
-    };
-    drop(fd);
-    while let Ok(msg) = input.recv() {
-        match msg {
-            Input::Data(bytes) => {
-                if file.write_all(&bytes).is_err() {
-                    return;
-                }
-            }
-            Input::Eof if tty => {
-                let _ = file.write_all(&[4]);
-            }
-            Input::Eof => return,
-        }
     }
 }

@@ -69,6 +69,8 @@ pub enum SetupError {
         "an earlier setup failed after switching into the Box's root; the Box must be restarted"
     )]
     Broken,
+    #[error("the Box is already set up; Setup is accepted once per boot")]
+    AlreadySetUp,
 }
 
 /// Where the Box is in its assembly.
@@ -90,7 +92,8 @@ pub fn assemble(
 ) -> Result<Option<String>, SetupError> {
     match *stage {
         Stage::Initramfs => {}
-        Stage::Broken | Stage::Ready => return Err(SetupError::Broken),
+        Stage::Broken => return Err(SetupError::Broken),
+        Stage::Ready => return Err(SetupError::AlreadySetUp),
     }
     if let Err(e) = netif::bring_up("lo") {
         log!("bringing up lo failed: {e}");
@@ -134,7 +137,8 @@ fn prepare_root(setup: &GuestSetup, reaper: &Reaper) -> Result<(), SetupError> {
     })?;
     log!("root disk {serial:?} ({}) mounted", device.display());
     if setup.grow_root {
-        disk::grow(&device, Path::new(NEW_ROOT)).map_err(SetupError::Grow)?;
+        let blocks = disk::grow(&device, Path::new(NEW_ROOT)).map_err(SetupError::Grow)?;
+        log!("root filesystem spans {blocks} blocks");
     }
 
     for spec in &setup.mounts {
@@ -241,4 +245,49 @@ fn write_file(file: &FileSpec) -> io::Result<()> {
     fs::rename(&staging, path).inspect_err(|_| {
         let _ = fs::remove_file(&staging);
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn files_replace_a_symlink_instead_of_writing_through_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        fs::write(&outside, "keep me\n").unwrap();
+        let path = dir.path().join("etc/resolv.conf");
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&outside, &path).unwrap();
+
+        let spec = FileSpec {
+            path: path.to_string_lossy().into_owned(),
+            contents: "nameserver 192.168.127.1\n".into(),
+            mode: 0o600,
+        };
+        write_file(&spec).unwrap();
+
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "keep me\n");
+        let meta = fs::symlink_metadata(&path).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(meta.mode() & 0o7777, 0o600);
+        assert_eq!(fs::read_to_string(&path).unwrap(), spec.contents);
+        assert_eq!(
+            fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1,
+            "no staging left"
+        );
+    }
+
+    #[test]
+    fn relative_file_paths_are_refused() {
+        let spec = FileSpec {
+            path: "etc/hosts".into(),
+            contents: String::new(),
+            mode: 0o644,
+        };
+        assert!(write_file(&spec).is_err());
+    }
 }

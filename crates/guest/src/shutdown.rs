@@ -15,10 +15,13 @@ use crate::console::log;
 /// How long processes get to exit after SIGTERM.
 const GRACE: Duration = Duration::from_secs(3);
 
-/// Stops everything and powers the VM off. Never returns.
-pub fn power_off() -> ! {
+/// Stops everything and powers the VM off. `sessions_reported` is called once every process is
+/// gone and waits (briefly) until the sessions have told the host how their processes ended.
+/// Never returns.
+pub fn power_off(sessions_reported: impl FnOnce()) -> ! {
     log!("shutting down");
     stop_processes();
+    sessions_reported();
     nix::unistd::sync();
     unmount_all();
     nix::unistd::sync();

@@ -185,3 +185,79 @@ fn child_exec(
 pub fn dev_null() -> std::io::Result<OwnedFd> {
     Ok(std::fs::File::open("/dev/null")?.into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::wait::{waitpid, WaitStatus};
+
+    fn spec(path: &str, argv: &[&str], cwd: &str, out: RawFd) -> ProcessSpec {
+        let c = |s: &str| CString::new(s).unwrap();
+        ProcessSpec {
+            path: c(path),
+            argv: argv.iter().map(|a| c(a)).collect(),
+            env: vec![c("ONLY=this")],
+            cwd: c(cwd),
+            ids: Ids {
+                uid: nix::unistd::getuid().as_raw(),
+                gid: nix::unistd::getgid().as_raw(),
+                groups: vec![nix::unistd::getgid().as_raw()],
+            },
+            stdio: [out, out, out],
+            controlling_tty: false,
+        }
+    }
+
+    #[test]
+    fn runs_the_program_with_exactly_the_given_environment_and_cwd() {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let spec = spec("/bin/sh", &["sh", "-c", "pwd; env"], "/tmp", w.as_raw_fd());
+        let pid = match spawn(&spec) {
+            Ok(pid) => pid,
+            // setgroups needs root (the agent always is); anyone else gets that step reported.
+            Err(SpawnError::Child {
+                step: Step::Groups, ..
+            }) if !nix::unistd::getuid().is_root() => return,
+            Err(e) => panic!("spawning /bin/sh: {e}"),
+        };
+        drop(w);
+        assert_eq!(waitpid(pid, None).unwrap(), WaitStatus::Exited(pid, 0));
+        let mut out = String::new();
+        File::from(r).read_to_string(&mut out).unwrap();
+        let lines: Vec<&str> = out.lines().filter(|l| !l.starts_with("PWD=")).collect();
+        assert!(
+            lines.contains(&"/tmp") && lines.contains(&"ONLY=this"),
+            "{out}"
+        );
+        assert!(
+            !out.contains("PATH="),
+            "nothing is added to the environment: {out}"
+        );
+    }
+
+    #[test]
+    fn a_failing_step_in_the_child_is_reported_with_its_errno() {
+        let null = dev_null().unwrap();
+        let missing = spec("/no/such/program", &["x"], "/", null.as_raw_fd());
+        match spawn(&missing) {
+            Err(SpawnError::Child { step, errno }) => {
+                if nix::unistd::getuid().is_root() {
+                    assert_eq!((step, errno), (Step::Exec, nix::errno::Errno::ENOENT));
+                } else {
+                    assert_eq!(step, Step::Groups);
+                }
+            }
+            other => panic!("expected a child error, got {other:?}"),
+        }
+        if nix::unistd::getuid().is_root() {
+            let bad_cwd = spec("/bin/true", &["true"], "/no/such/dir", null.as_raw_fd());
+            assert!(matches!(
+                spawn(&bad_cwd),
+                Err(SpawnError::Child {
+                    step: Step::Chdir,
+                    errno: nix::errno::Errno::ENOENT
+                })
+            ));
+        }
+    }
+}

@@ -1,12 +1,15 @@
 //! The guest agent in real QEMU guests (TCG): boot, Box assembly, exec sessions, shutdown and
 //! persistence. Needs `scripts/build-assets.sh` to have run, plus qemu-system-x86_64, qemu-img,
-//! mke2fs and /bin/busybox on the host. Boots are few and assertions grouped per boot.
+//! qemu-io, virtiofsd, mke2fs and /bin/busybox on the host. Four boots in all (probe, the exec
+//! Box, two boots of the disks Box), with the assertions grouped per boot.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
-use boxlite_protocol::{Control, ExecRequest, FileSpec, MountSource, MountSpec, PROTOCOL_VERSION};
+use boxlite_protocol::{
+    Control, ExecRequest, FileSpec, Frame, MountSource, MountSpec, PROTOCOL_VERSION,
+};
 use sha2::{Digest, Sha256};
 use support::{request, setup, Agent, Disk, Share, Vm};
 
@@ -52,15 +55,31 @@ fn exec_sessions_in_a_booted_box() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.qcow2");
     support::qcow2(&disk, Some(&support::base_image()), "1G");
-    let mut vm = Vm::launch(
-        dir.path(),
-        &[Disk {
+    // A volume that holds data but no filesystem: the agent must refuse to format it.
+    let junk = dir.path().join("junk.qcow2");
+    support::qcow2(&junk, None, "16M");
+    let written = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0xab 4096 4096"])
+        .arg(&junk)
+        .output()
+        .unwrap();
+    assert!(written.status.success(), "{written:?}");
+    let disks = [
+        Disk {
             path: disk,
             serial: "root".into(),
-        }],
-        "",
-    );
+        },
+        Disk {
+            path: junk,
+            serial: "junk".into(),
+        },
+    ];
+    let mut vm = Vm::launch(dir.path(), &disks, "");
     let agent = vm.connect();
+
+    let early = agent.run(&["true"]);
+    let message = early.error.expect("exec before Setup is an Error");
+    assert!(message.contains("not set up"), "{message}");
 
     // A failed setup names what is missing and leaves the agent able to try again.
     let mut wrong = setup("box-a", true);
@@ -69,8 +88,30 @@ fn exec_sessions_in_a_booted_box() {
         Control::Error { message } => assert!(message.contains("nosuchdisk"), "{message}"),
         other => panic!("setup with a missing root disk answered {other:?}"),
     }
+    let mut wrong = setup("box-a", true);
+    wrong.mounts = vec![MountSpec {
+        source: MountSource::Block {
+            serial: "junk".into(),
+            fstype: "ext4".into(),
+            format_if_empty: true,
+        },
+        target: "/junk".into(),
+        readonly: false,
+        file: None,
+    }];
+    match agent.setup(wrong) {
+        Control::Error { message } => assert!(
+            message.contains("\"junk\"") && message.contains("not formatting"),
+            "{message}"
+        ),
+        other => panic!("setup with a volume full of data answered {other:?}"),
+    }
     ready(agent.setup(setup("box-a", true)));
     eprintln!("launch to Ready: {:?}", vm.started.elapsed());
+    match agent.setup(setup("box-a", true)) {
+        Control::Error { message } => assert!(message.contains("already set up"), "{message}"),
+        other => panic!("a second Setup answered {other:?}"),
+    }
 
     basic_exec(&agent);
     streams_and_stdin(&agent);
@@ -88,6 +129,15 @@ fn basic_exec(agent: &Agent) {
     assert!(out.pid.is_some(), "Started came before Exited");
 
     exited(&agent.run(&["sh", "-c", "exit 7"]), 7);
+
+    // A channel is free again as soon as its Exited arrived.
+    for round in 0..3 {
+        let out = agent
+            .exec_on(1000, request(&["echo", "reused"]))
+            .wait(MINUTE);
+        exited(&out, 0);
+        assert_eq!(out.stdout, b"reused\n", "round {round}");
+    }
 
     let out = agent.run(&["no-such-command"]);
     let message = out.error.expect("a missing command is an Error");
@@ -204,6 +254,22 @@ fn signals_and_concurrency(agent: &Agent) {
     let out = early.wait(MINUTE);
     assert_eq!((out.code, out.signal), (None, Some(15)), "{out:?}");
 
+    // Many sessions at once, each with its own output.
+    let sessions: Vec<_> = (0..12)
+        .map(|i| {
+            agent.exec(request(&[
+                "sh",
+                "-c",
+                &format!("sleep 0.5; echo session {i}"),
+            ]))
+        })
+        .collect();
+    for (i, session) in sessions.iter().enumerate() {
+        let out = session.wait(MINUTE);
+        exited(&out, 0);
+        assert_eq!(out.stdout_text(), format!("session {i}\n"));
+    }
+
     let asked = Instant::now();
     sleeper.control(&Control::Signal { signal: 2 });
     let out = sleeper.wait(MINUTE);
@@ -286,6 +352,7 @@ fn box_environment(agent: &Agent) {
         " /dev type devtmpfs",
         " /dev/pts type devpts",
         " /dev/shm type tmpfs",
+        " /sys/fs/cgroup type cgroup2",
     ] {
         assert!(text.contains(fs), "missing{fs}: {text}");
     }
@@ -306,6 +373,55 @@ fn box_environment(agent: &Agent) {
         .collect();
     assert!(zombies.is_empty(), "zombies left: {zombies:?}");
 
+    let mut req = request(&[
+        "sh",
+        "-c",
+        "cat /dev/stdin; ls /dev/fd/ >/dev/null && echo fd",
+    ]);
+    req.stdin = true;
+    let session = agent.exec(req);
+    session.stdin(b"via /dev/stdin\n");
+    session.control(&Control::StdinEof);
+    let out = session.wait(MINUTE);
+    assert_eq!(out.stdout_text(), "via /dev/stdin\nfd\n", "{out:?}");
+
+    let out = agent.run(&["date", "+%s"]);
+    let guest_time: u64 = out.stdout_text().trim().parse().unwrap();
+    let host_time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        guest_time.abs_diff(host_time) < 120,
+        "guest clock {guest_time}, host clock {host_time}"
+    );
+
+    // The agent lives as long as the Box: sessions must not leak its descriptors or threads.
+    let count_handles = || {
+        let out = agent.run(&[
+            "sh",
+            "-c",
+            "echo $(ls /proc/1/fd | wc -l) $(ls /proc/1/task | wc -l)",
+        ]);
+        out.stdout_text()
+    };
+    let before = count_handles();
+    for tty in [false, true, false, true, false, true] {
+        let mut req = request(&["cat"]);
+        req.tty = tty;
+        req.stdin = true;
+        let session = agent.exec(req);
+        session.stdin(b"x\n");
+        session.control(&Control::StdinEof);
+        exited(&session.wait(MINUTE), 0);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = count_handles();
+    assert_eq!(
+        before, after,
+        "descriptors of PID 1 before and after six sessions"
+    );
+
     let out = agent.run(&["cat", "/proc/1/cmdline"]);
     assert_eq!(out.stdout, b"/init\0", "the agent is PID 1");
 }
@@ -324,12 +440,13 @@ fn disks_survive_shutdown_and_reboot() {
         },
         Disk {
             path: volume.clone(),
-            serial: "vol-data".into(),
+            serial: "volume-data-0123456789".into(),
         },
     ];
+    // The volume's serial is longer than the 20 bytes virtio-blk carries: the guest sees it cut.
     let data_mount = MountSpec {
         source: MountSource::Block {
-            serial: "vol-data".into(),
+            serial: "volume-data-0123456789".into(),
             fstype: "ext4".into(),
             format_if_empty: true,
         },
@@ -412,6 +529,10 @@ fn disks_survive_shutdown_and_reboot() {
     );
     let console = vm.console_text();
     assert!(console.contains("power off"), "console:\n{console}");
+    assert!(
+        console.contains("killing them"),
+        "a process ignoring SIGTERM was killed: {console}"
+    );
     support::assert_qcow2_clean(&disk);
     support::assert_qcow2_clean(&volume);
     drop(vm);
@@ -427,6 +548,13 @@ fn disks_survive_shutdown_and_reboot() {
             target: "/etc/app.conf".into(),
             readonly: true,
             file: Some("config.txt".into()),
+        },
+        // The same disk again, read-only, at a second place.
+        MountSpec {
+            source: data_mount.source.clone(),
+            target: "/data-ro".into(),
+            readonly: true,
+            file: None,
         },
     ];
     ready(agent.setup(second));
@@ -448,9 +576,22 @@ fn disks_survive_shutdown_and_reboot() {
         String::from_utf8_lossy(&out.stderr).contains("Read-only"),
         "{out:?}"
     );
+    let out = agent.run(&[
+        "sh",
+        "-c",
+        "cat /data-ro/config.txt; touch /data-ro/x || echo refused",
+    ]);
+    assert_eq!(out.stdout_text(), "cfg\nrefused\n", "{out:?}");
+    exited(&agent.run(&["touch", "/data/still-writable"]), 0);
 
-    // The host side may disconnect and come back; the agent keeps serving.
+    // The host side may disconnect, even in the middle of a frame, and come back; the agent drops
+    // the partial frame and keeps serving.
+    let mut partial = Vec::new();
+    boxlite_protocol::write_frame(&mut partial, &Frame::control(77, &Control::StdinEof)).unwrap();
+    agent.send_raw(&partial[..7]);
+    std::thread::sleep(Duration::from_millis(300));
     drop(agent);
+    std::thread::sleep(Duration::from_secs(1));
     let agent = vm.connect();
     let out = agent.run(&["echo", "again"]);
     exited(&out, 0);
@@ -466,7 +607,18 @@ fn disks_survive_shutdown_and_reboot() {
     };
     let out = agent.exec(bare).wait(MINUTE);
     exited(&out, 0);
+
+    // Shutdown while a session is streaming output: the session ends by SIGTERM, the VM powers off.
+    let ticker = agent.exec(request(&[
+        "sh",
+        "-c",
+        "while true; do echo tick; sleep 0.05; done",
+    ]));
+    ticker.read_until("tick\ntick\n", MINUTE);
     agent.control(0, &Control::Shutdown);
+    let out = ticker.wait(MINUTE);
+    assert_eq!((out.code, out.signal), (None, Some(15)), "{out:?}");
     assert!(vm.wait_exit(MINUTE).success());
     support::assert_qcow2_clean(&disk);
+    support::assert_qcow2_clean(&volume);
 }

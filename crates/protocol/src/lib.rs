@@ -175,6 +175,17 @@ pub enum Control {
     /// CLI → shim, on a fresh channel: attach to the Box's main process (started by the shim
     /// when the Box was started attached). Its output and exit arrive on this channel.
     Attach { stdin: bool, rows: u16, cols: u16 },
+    /// CLI → shim, channel 0: network and resource counters; answered with `Info`.
+    Stats,
+    /// CLI → shim: add a port forward (`[IP:]HOSTPORT:GUESTPORT[/udp]`); answered with `Info`
+    /// holding the forward in effect (the chosen port when HOSTPORT was 0).
+    PortAdd { forward: String },
+    /// CLI → shim: remove a port forward; answered with `Done`.
+    PortRemove { forward: String },
+    /// CLI → shim: the forwards in effect; answered with `Info`.
+    Ports,
+    /// shim → CLI: the JSON answer to a query.
+    Info { json: String },
 }
 
 /// Everything the agent needs to assemble the Box, sent once per boot.

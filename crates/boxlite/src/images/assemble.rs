@@ -173,6 +173,17 @@ fn assemble_into(
     Ok(stats)
 }
 
+// Public types cross threads.
+const _: () = {
+    fn check<T: Send + Sync>() {}
+    #[allow(dead_code)]
+    fn all() {
+        check::<AssembleMode>();
+        check::<AssembleStats>();
+        check::<AssembleError>();
+    }
+};
+
 /// Applying one layer onto the destination.
 struct LayerApply<'a> {
     diff_id: &'a DiffId,
@@ -428,6 +439,7 @@ impl<'a> LayerApply<'a> {
             .ok_or_else(|| self.conflict(path, "vanished from the layer cache".into()))?;
         let attrs = fsops::read_attrs_at(src_parent, name, &st)
             .map_err(self.io("read attributes of", path))?;
+        fsops::drop_unlisted_xattrs(dest_dir, &attrs).map_err(self.io("update", path))?;
         self.apply_fd(dest_dir, &attrs, path)
     }
 
@@ -442,6 +454,7 @@ impl<'a> LayerApply<'a> {
             .map_err(|e| self.io("inspect", path)(fsops::errno_io(e)))?;
         let attrs = fsops::read_attrs_at(src, std::ffi::OsStr::new("."), &st)
             .map_err(self.io("read attributes of", path))?;
+        fsops::drop_unlisted_xattrs(dest, &attrs).map_err(self.io("update", path))?;
         self.apply_fd(dest, &attrs, path)
     }
 
@@ -483,9 +496,9 @@ impl<'a> LayerApply<'a> {
             self.stats.hardlinks += 1;
             return Ok(());
         }
-        let mut from = fsops::open_file_at(src, name).map_err(self.io("open", path))?;
-        let mut to = fsops::create_file_at(dest, name).map_err(self.io("create", path))?;
-        io::copy(&mut from, &mut to).map_err(self.io("copy", path))?;
+        let from = fsops::open_file_at(src, name).map_err(self.io("open", path))?;
+        let to = fsops::create_file_at(dest, name).map_err(self.io("create", path))?;
+        fsops::copy_sparse(&from, &to).map_err(self.io("copy", path))?;
         let attrs =
             fsops::read_attrs_at(src, name, st).map_err(self.io("read attributes of", path))?;
         self.apply_fd(to.as_fd(), &attrs, path)?;

@@ -56,12 +56,16 @@ const AUFS_META_PREFIX: &[u8] = b".wh..wh.";
 pub struct ExtractOptions {
     /// Most members accepted in one layer.
     pub max_entries: u64,
+    /// Most bytes of file content, holes of sparse files included (a sparse member costs
+    /// little to store in the tar but its full size in every copy made later).
+    pub max_content_bytes: u64,
 }
 
 impl Default for ExtractOptions {
     fn default() -> Self {
         ExtractOptions {
             max_entries: 4_000_000,
+            max_content_bytes: 32 << 30,
         }
     }
 }
@@ -88,6 +92,9 @@ pub enum LayerError {
     /// Too many members.
     #[error("layer has more than {limit} members")]
     TooManyEntries { limit: u64 },
+    /// File content (sparse holes included) past the limit.
+    #[error("layer member {member:?} takes the layer's file content past {limit} bytes")]
+    TooLarge { member: String, limit: u64 },
     /// The tar itself is malformed.
     #[error("malformed layer tar")]
     Tar(#[source] TarError),
@@ -137,6 +144,7 @@ pub fn extract_layer<R: Read>(
         parent_cache: None,
         buf: vec![0u8; 256 * 1024],
         devices_warned: false,
+        max_content_bytes: options.max_content_bytes,
     };
     ex.meta.implicit_dirs.insert(RelPath::root());
 
@@ -161,6 +169,18 @@ pub fn extract_layer<R: Read>(
     Ok(ex.meta)
 }
 
+// Public types cross threads.
+const _: () = {
+    fn check<T: Send + Sync>() {}
+    #[allow(dead_code)]
+    fn all() {
+        check::<LayerMeta>();
+        check::<LayerError>();
+        check::<ExtractOptions>();
+        check::<RelPath>();
+    }
+};
+
 struct Extractor {
     root: OwnedFd,
     meta: LayerMeta,
@@ -170,6 +190,7 @@ struct Extractor {
     parent_cache: Option<(RelPath, OwnedFd)>,
     buf: Vec<u8>,
     devices_warned: bool,
+    max_content_bytes: u64,
 }
 
 fn lossy(name: &[u8]) -> String {
@@ -239,6 +260,12 @@ impl Extractor {
                 self.dirs.insert(path, attrs);
             }
             Kind::File => {
+                if self.meta.content_bytes.saturating_add(m.size) > self.max_content_bytes {
+                    return Err(LayerError::TooLarge {
+                        member: shown,
+                        limit: self.max_content_bytes,
+                    });
+                }
                 let file = create_file_at(dir.as_fd(), &name).map_err(io_err("create"))?;
                 let written = self.write_content(&file, reader, &shown)?;
                 self.meta.content_bytes += written;
@@ -667,6 +694,7 @@ impl Extractor {
                 fd = open_dir_at(fd.as_fd(), comp).map_err(io_err)?;
             }
             let mut short = Shortfall::default();
+            fsops::drop_unlisted_xattrs(fd.as_fd(), attrs).map_err(io_err)?;
             apply_attrs_fd(fd.as_fd(), attrs, &mut short).map_err(io_err)?;
             self.record(path, short);
         }

@@ -45,10 +45,11 @@
 //! ```
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::home::Home;
@@ -66,7 +67,8 @@ const STAGING_PREFIX: &str = "layer-";
 /// Bounds on what one layer may expand to.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Most uncompressed bytes (the tar stream) one layer may have.
+    /// Most uncompressed bytes (the tar stream) one layer may have; also the most file content
+    /// it may expand to (sparse files' holes count).
     pub max_uncompressed_bytes: u64,
     /// Most tar members one layer may have.
     pub max_entries: u64,
@@ -93,6 +95,16 @@ pub struct LayerBlob<'a> {
     pub digest: &'a Digest,
 }
 
+/// How far an extraction got, for progress displays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtractProgress {
+    /// Blob bytes read so far, out of `blob_bytes`.
+    pub blob_read: u64,
+    pub blob_bytes: u64,
+    /// Uncompressed tar bytes so far.
+    pub uncompressed: u64,
+}
+
 /// A layer in the cache.
 #[derive(Debug, Clone)]
 pub struct LayerInfo {
@@ -117,6 +129,16 @@ pub enum StorageError {
         diff_id: DiffId,
         #[source]
         source: LayerError,
+    },
+    #[error(
+        "layer {digest}: member {member:?} would expand it past the limit of {limit} bytes \
+         ({limit_mib} MiB); refusing it (decompression bomb?)"
+    )]
+    TooLarge {
+        digest: Digest,
+        member: String,
+        limit: u64,
+        limit_mib: u64,
     },
     #[error(
         "layer {digest}: its uncompressed content has diff_id {actual}, but the image config \
@@ -212,6 +234,18 @@ impl ImageStorage {
         expected: &DiffId,
         limits: &Limits,
     ) -> Result<LayerInfo, StorageError> {
+        self.ensure_layer_with_progress(blob, expected, limits, &|_| {})
+    }
+
+    /// [`ImageStorage::ensure_layer`], calling `progress` about every 4 MiB of uncompressed
+    /// data (and once at the end) while it extracts.
+    pub fn ensure_layer_with_progress(
+        &self,
+        blob: &LayerBlob<'_>,
+        expected: &DiffId,
+        limits: &Limits,
+        progress: &dyn Fn(ExtractProgress),
+    ) -> Result<LayerInfo, StorageError> {
         let dir = self.layer_dir(expected);
         if self.has_layer(expected) {
             tracing::debug!(diff_id = %expected, "layer already extracted");
@@ -229,7 +263,15 @@ impl ImageStorage {
         })?;
 
         let staging = Staging::create(&self.tmp_dir, expected)?;
-        let size = self.extract_into(&staging.path, file, compression, blob, expected, limits)?;
+        let size = self.extract_into(
+            &staging.path,
+            file,
+            compression,
+            blob,
+            expected,
+            limits,
+            progress,
+        )?;
 
         fs::create_dir_all(&self.layers_dir).map_err(io_err("create", &self.layers_dir))?;
         let committed = staging.commit(&dir)?;
@@ -247,6 +289,7 @@ impl ImageStorage {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn extract_into(
         &self,
         staging: &Path,
@@ -255,23 +298,46 @@ impl ImageStorage {
         blob: &LayerBlob<'_>,
         expected: &DiffId,
         limits: &Limits,
+        progress: &dyn Fn(ExtractProgress),
     ) -> Result<u64, StorageError> {
+        let blob_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let blob_read = Arc::new(AtomicU64::new(0));
+        let counted = CountingReader {
+            inner: file,
+            count: Arc::clone(&blob_read),
+        };
         let mut stream = LayerStream::open(
-            file,
+            counted,
             compression,
             blob.digest.clone(),
             limits.max_uncompressed_bytes,
         )?;
         let options = ExtractOptions {
             max_entries: limits.max_entries,
+            max_content_bytes: limits.max_uncompressed_bytes,
         };
         let root = staging.join(ROOT_DIR);
-        let extracted = layer::extract_layer(&mut stream, &root, &options);
+        let mut reporting = ProgressReader {
+            inner: &mut stream,
+            blob_read: &blob_read,
+            blob_bytes,
+            next_report: PROGRESS_STEP,
+            progress,
+        };
+        let extracted = layer::extract_layer(&mut reporting, &root, &options);
         let meta = match extracted {
             Ok(meta) => meta,
             Err(source) => {
                 if let Some(limit) = stream.limit_error() {
                     return Err(limit.into());
+                }
+                if let LayerError::TooLarge { member, limit } = source {
+                    return Err(StorageError::TooLarge {
+                        digest: blob.digest.clone(),
+                        member,
+                        limit,
+                        limit_mib: limit >> 20,
+                    });
                 }
                 return Err(StorageError::Extract {
                     digest: blob.digest.clone(),
@@ -290,6 +356,11 @@ impl ImageStorage {
                 .into(),
             });
         }
+        progress(ExtractProgress {
+            blob_read: blob_read.load(Ordering::Relaxed),
+            blob_bytes,
+            uncompressed: stream.count(),
+        });
         let (actual, size) = stream.finish();
         if &actual != expected {
             return Err(StorageError::DiffIdMismatch {
@@ -310,6 +381,8 @@ impl ImageStorage {
     }
 
     /// Removes a layer from the cache (moved aside first, so it never looks half-present).
+    /// The caller makes sure no image still using it is being assembled; trees already
+    /// assembled in `Link` mode keep their inodes.
     pub fn remove_layer(&self, diff_id: &DiffId) -> Result<(), StorageError> {
         let dir = self.layer_dir(diff_id);
         let aside = self
@@ -369,6 +442,48 @@ impl ImageStorage {
             }
         }
         Ok(removed)
+    }
+}
+
+/// Uncompressed bytes between progress reports.
+const PROGRESS_STEP: u64 = 4 << 20;
+
+/// Counts the bytes read from the blob file.
+struct CountingReader {
+    inner: File,
+    count: Arc<AtomicU64>,
+}
+
+impl Read for CountingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Calls the progress callback as the uncompressed stream goes by.
+struct ProgressReader<'a> {
+    inner: &'a mut LayerStream,
+    blob_read: &'a AtomicU64,
+    blob_bytes: u64,
+    next_report: u64,
+    progress: &'a dyn Fn(ExtractProgress),
+}
+
+impl Read for ProgressReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let uncompressed = self.inner.count();
+        if uncompressed >= self.next_report {
+            self.next_report = uncompressed + PROGRESS_STEP;
+            (self.progress)(ExtractProgress {
+                blob_read: self.blob_read.load(Ordering::Relaxed),
+                blob_bytes: self.blob_bytes,
+                uncompressed,
+            });
+        }
+        Ok(n)
     }
 }
 

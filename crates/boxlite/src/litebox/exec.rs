@@ -96,6 +96,19 @@ impl SessionControl {
     }
 }
 
+/// Sends one Box-level request to the shim at `socket` and reads its one answer.
+pub(crate) fn query(socket: &std::path::Path, request: &Control) -> io::Result<Control> {
+    let mut stream = UnixStream::connect(socket)?;
+    write_frame(&mut stream, &Frame::control(SESSION_CHANNEL, request))?;
+    match read_frame(&mut stream)? {
+        Some(frame) => Ok(frame.parse_control()?),
+        None => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the shim closed the connection",
+        )),
+    }
+}
+
 /// A running process in a Box.
 #[derive(Debug)]
 pub struct ExecSession {

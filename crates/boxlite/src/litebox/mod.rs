@@ -249,6 +249,100 @@ impl LiteBox {
         self.session(Control::Attach { stdin, rows, cols })
     }
 
+    /// Asks the running Box's shim one question and returns its answer.
+    fn query(&mut self, request: Control, operation: &'static str) -> Result<Control> {
+        self.require_running(operation)?;
+        let socket = self.paths().control_socket();
+        let answer = exec::query(&socket, &request).map_err(io_err(format!(
+            "cannot reach box {} at {}",
+            self.record.name,
+            socket.display()
+        )))?;
+        match answer {
+            Control::Error { message } => Err(RuntimeError::Shim {
+                name: self.record.name.clone(),
+                message,
+            }),
+            other => Ok(other),
+        }
+    }
+
+    fn query_json(
+        &mut self,
+        request: Control,
+        operation: &'static str,
+    ) -> Result<serde_json::Value> {
+        match self.query(request, operation)? {
+            Control::Info { json } => serde_json::from_str(&json).map_err(|e| RuntimeError::Shim {
+                name: self.record.name.clone(),
+                message: format!("bad answer from the shim: {e}"),
+            }),
+            other => Err(RuntimeError::Shim {
+                name: self.record.name.clone(),
+                message: format!("unexpected answer from the shim: {other:?}"),
+            }),
+        }
+    }
+
+    /// Network counters (from the backend) and resource use (VMM memory and CPU, disk).
+    pub fn stats(&mut self) -> Result<serde_json::Value> {
+        let mut value = self.query_json(Control::Stats, "report stats")?;
+        let vmm = self.record.vmm_pid.and_then(process_usage);
+        let disk = std::fs::metadata(self.paths().disk()).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks() * 512
+        });
+        value["resources"] = serde_json::json!({
+            "vmm_rss_bytes": vmm.map(|u| u.0),
+            "vmm_cpu_seconds": vmm.map(|u| u.1),
+            "disk_allocated_bytes": disk,
+            "cpus": self.record.config.cpus,
+            "memory_mib": self.record.config.memory_mib,
+        });
+        Ok(value)
+    }
+
+    /// Adds a port forward to the running Box; returns the forward in effect (with the port
+    /// chosen when the host port was 0).
+    pub fn port_add(
+        &mut self,
+        forward: &crate::net::PortForward,
+    ) -> Result<crate::net::PortForward> {
+        let value = self.query_json(
+            Control::PortAdd {
+                forward: forward.to_spec(),
+            },
+            "add a port",
+        )?;
+        serde_json::from_value(value).map_err(|e| RuntimeError::Shim {
+            name: self.record.name.clone(),
+            message: format!("bad answer from the shim: {e}"),
+        })
+    }
+
+    pub fn port_remove(&mut self, forward: &crate::net::PortForward) -> Result<()> {
+        self.query(
+            Control::PortRemove {
+                forward: forward.to_spec(),
+            },
+            "remove a port",
+        )?;
+        Ok(())
+    }
+
+    /// The forwards in effect while running, else the ones the Box was created with.
+    pub fn ports(&mut self) -> Result<Vec<crate::net::PortForward>> {
+        self.refresh()?;
+        if self.record.state != BoxState::Running {
+            return Ok(self.record.config.ports.clone());
+        }
+        let value = self.query_json(Control::Ports, "list ports")?;
+        serde_json::from_value(value).map_err(|e| RuntimeError::Shim {
+            name: self.record.name.clone(),
+            message: format!("bad answer from the shim: {e}"),
+        })
+    }
+
     fn session(&self, request: Control) -> Result<ExecSession> {
         let socket = self.paths().control_socket();
         ExecSession::open(&socket, request).map_err(io_err(format!(
@@ -368,6 +462,24 @@ impl LiteBox {
             let _ = BoxRecord::mark_exited(&db, &self.record.id, "killed", None);
         }
     }
+}
+
+/// Resident bytes and CPU seconds of a process, from /proc.
+fn process_usage(pid: i64) -> Option<(u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some((rss_kib * 1024, ticks as f64 / hz))
 }
 
 fn zombie(pid: i64) -> bool {

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::net::{NetworkKind, PortForward};
 use crate::vmm::accel::AccelChoice;
 
 /// Default search path when neither the image nor the user sets `PATH` (docker's).
@@ -17,32 +18,6 @@ pub enum RootfsSource {
     Image { reference: String, image_id: String },
     /// A plain directory on the host used as the rootfs (`--rootfs DIR`, like podman's).
     Dir { path: String },
-}
-
-/// The network backend of a Box.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum NetworkKind {
-    #[default]
-    Usernet,
-    Libslirp,
-    Passt,
-    None,
-}
-
-impl std::str::FromStr for NetworkKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "usernet" => Ok(NetworkKind::Usernet),
-            "libslirp" => Ok(NetworkKind::Libslirp),
-            "passt" => Ok(NetworkKind::Passt),
-            "none" => Ok(NetworkKind::None),
-            other => Err(format!(
-                "unknown network {other:?}: expected usernet, libslirp, passt or none"
-            )),
-        }
-    }
 }
 
 /// The process the image's config (or the user) says a Box runs.
@@ -71,15 +46,6 @@ pub enum MountConfig {
         guest: String,
         readonly: bool,
     },
-}
-
-/// `-p [IP:]HOSTPORT:GUESTPORT[/tcp|/udp]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PortConfig {
-    pub host_ip: String,
-    pub host_port: u16,
-    pub guest_port: u16,
-    pub protocol: String,
 }
 
 /// The defaults an image's config contributes (OCI image config `config` object).
@@ -114,7 +80,7 @@ pub struct BoxOptions {
     /// Virtual size of the Box's disk in bytes (thin).
     pub disk_size: u64,
     pub mounts: Vec<MountConfig>,
-    pub ports: Vec<PortConfig>,
+    pub ports: Vec<PortForward>,
     pub network: NetworkKind,
     pub dns: Vec<String>,
     pub allow_host: bool,
@@ -152,7 +118,7 @@ pub struct BoxConfig {
     #[serde(default)]
     pub mounts: Vec<MountConfig>,
     #[serde(default)]
-    pub ports: Vec<PortConfig>,
+    pub ports: Vec<PortForward>,
     #[serde(default)]
     pub network: NetworkKind,
     #[serde(default)]
@@ -310,96 +276,12 @@ pub fn parse_mount(spec: &str) -> Result<MountConfig, String> {
     }
 }
 
-/// Parses `-p [IP:]HOSTPORT:GUESTPORT[/tcp|/udp]` (host IP defaults to 127.0.0.1).
-pub fn parse_port(spec: &str) -> Result<PortConfig, String> {
-    let bad =
-        || format!("invalid port mapping {spec:?}: expected [IP:]HOSTPORT:GUESTPORT[/tcp|/udp]");
-    let (ports, protocol) = match spec.rsplit_once('/') {
-        Some((p, proto @ ("tcp" | "udp"))) => (p, proto),
-        Some(_) => return Err(bad()),
-        None => (spec, "tcp"),
-    };
-    let parts: Vec<&str> = ports.rsplitn(3, ':').collect();
-    let (host_ip, host_port, guest_port) = match parts.as_slice() {
-        [g, h] => ("127.0.0.1", *h, *g),
-        [g, h, ip] => (ip.trim_start_matches('[').trim_end_matches(']'), *h, *g),
-        _ => return Err(bad()),
-    };
-    let host_ip = if host_ip.is_empty() {
-        "127.0.0.1"
-    } else {
-        host_ip
-    };
-    host_ip.parse::<std::net::IpAddr>().map_err(|_| bad())?;
-    let host_port: u16 = host_port.parse().map_err(|_| bad())?;
-    let guest_port: u16 = guest_port.parse().map_err(|_| bad())?;
-    if guest_port == 0 {
-        return Err(bad());
-    }
-    Ok(PortConfig {
-        host_ip: host_ip.into(),
-        host_port,
-        guest_port,
-        protocol: protocol.into(),
-    })
-}
-
-/// Parses sizes like `512M`, `10G`, `1048576` (bytes; K/M/G/T are powers of 1024).
-pub fn parse_size(spec: &str) -> Result<u64, String> {
-    let s = spec.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("invalid size {spec:?}"))?;
-    let mult: u64 = match unit
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        "T" => 1 << 40,
-        _ => {
-            return Err(format!(
-                "invalid size {spec:?}: use a number with K, M, G or T"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {spec:?} is too large"))
-}
-
 #[cfg(test)]
 mod parse_tests {
     use super::*;
 
     #[test]
-    fn ports() {
-        let p = parse_port("8080:80").unwrap();
-        assert_eq!(
-            (
-                p.host_ip.as_str(),
-                p.host_port,
-                p.guest_port,
-                p.protocol.as_str()
-            ),
-            ("127.0.0.1", 8080, 80, "tcp")
-        );
-        let p = parse_port("0.0.0.0:0:53/udp").unwrap();
-        assert_eq!(
-            (p.host_ip.as_str(), p.host_port, p.protocol.as_str()),
-            ("0.0.0.0", 0, "udp")
-        );
-        for bad in ["80", "a:80", "1:2/sctp", "1:0", "300.1.1.1:1:2"] {
-            assert!(parse_port(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn sizes_and_mounts() {
-        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
-        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
-        assert!(parse_size("1X").is_err());
+    fn mounts() {
         assert_eq!(
             parse_mount("data:/data:ro").unwrap(),
             MountConfig::Volume {

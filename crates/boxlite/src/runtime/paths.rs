@@ -52,6 +52,10 @@ impl BoxPaths {
     pub fn main_log(&self) -> PathBuf {
         self.dir.join("main.log")
     }
+    /// The network backend's configuration while the Box runs (ports in effect).
+    pub fn network_file(&self) -> PathBuf {
+        self.dir.join("network.json")
+    }
     /// Serialises lifecycle operations on this Box across processes.
     pub fn lock_file(&self) -> PathBuf {
         self.dir.join("lock")

@@ -7,6 +7,7 @@
 //! starter gave it, start the Box's main process, serve CLIs, and when the guest powers off (the
 //! main process ended, `stop`, or a crash) record why in the state database and clean up.
 
+pub mod mounts;
 mod router;
 mod setup;
 
@@ -77,7 +78,7 @@ fn boot_and_serve(args: &ShimArgs, ready: &mut Option<File>) -> Result<(), Strin
         .map_err(|e| format!("cannot create socket dir: {e}"))?;
 
     let assets = GuestAssets::locate().map_err(|e| e.to_string())?;
-    let prepared = setup::prepare(&home, &record, &paths, args.accel, assets)?;
+    let mut prepared = setup::prepare(&home, &record, &paths, args.accel, assets)?;
     let engine = QemuEngine::default();
     let _ = std::fs::remove_file(paths.console_log());
     let mut vmm = engine.spawn(&prepared.vm).map_err(|e| e.to_string())?;
@@ -106,8 +107,15 @@ fn boot_and_serve(args: &ShimArgs, ready: &mut Option<File>) -> Result<(), Strin
         let _ = writeln!(r, "ok");
     }
 
-    let router = router::Router::new(agent, &record, &paths, vmm_pid, args.attach)
-        .map_err(|e| format!("cannot start router: {e}"))?;
+    let router = router::Router::new(
+        agent,
+        &record,
+        &paths,
+        vmm_pid,
+        args.attach,
+        prepared.network.clone(),
+    )
+    .map_err(|e| format!("cannot start router: {e}"))?;
     router.spawn_agent_reader();
     router.spawn_listener(listener);
     router.start_main_unless_attaching();
@@ -120,6 +128,7 @@ fn boot_and_serve(args: &ShimArgs, ready: &mut Option<File>) -> Result<(), Strin
     prepared.teardown();
     router.close_clients();
     paths.remove_sockets();
+    let _ = std::fs::remove_file(paths.network_file());
     if record.config.auto_remove {
         let _ = std::fs::remove_dir_all(&paths.dir);
         let _ = BoxRecord::delete(&db, &record.id);

@@ -17,6 +17,7 @@ use std::time::Duration;
 use boxlite_protocol::{read_frame, write_frame, Control, ExecRequest, Frame, Tag, BOX_CHANNEL};
 use tracing::{debug, info, warn};
 
+use crate::net::PortForward;
 use crate::runtime::config::ProcessSpec;
 use crate::runtime::paths::BoxPaths;
 use crate::runtime::record::BoxRecord;
@@ -55,6 +56,8 @@ struct Inner {
     vmm_pid: u32,
     attach: bool,
     box_id: String,
+    network: super::setup::SharedNetwork,
+    paths: BoxPaths,
 }
 
 /// The shim's frame router. Cheap to clone (shared state).
@@ -70,6 +73,7 @@ impl Router {
         paths: &BoxPaths,
         vmm_pid: u32,
         attach: bool,
+        network: super::setup::SharedNetwork,
     ) -> std::io::Result<Router> {
         let reader = agent.try_clone()?;
         Ok(Router {
@@ -88,6 +92,8 @@ impl Router {
                 vmm_pid,
                 attach,
                 box_id: record.id.clone(),
+                network,
+                paths: paths.clone(),
             }),
         })
     }
@@ -316,6 +322,20 @@ impl Router {
                         self.stop(Duration::from_secs(timeout_secs));
                         continue;
                     }
+                    Ok(
+                        query @ (Control::Stats
+                        | Control::Ports
+                        | Control::PortAdd { .. }
+                        | Control::PortRemove { .. }),
+                    ) => {
+                        let answer = match self.network_query(query) {
+                            Ok(answer) => answer,
+                            Err(message) => Control::Error { message },
+                        };
+                        let mut c = conn.lock().unwrap();
+                        let _ = write_frame(&mut *c, &Frame::control(frame.channel, &answer));
+                        continue;
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         self.reply(&conn, frame.channel, &e.to_string());
@@ -334,6 +354,56 @@ impl Router {
             }
         }
         self.client_gone(&conn, &channels);
+    }
+
+    /// Answers the network queries of `boxlite stats` and `boxlite port`.
+    fn network_query(&self, query: Control) -> Result<Control, String> {
+        let guard = self.inner.network.lock().unwrap();
+        let info = |value: serde_json::Value| {
+            Ok(Control::Info {
+                json: value.to_string(),
+            })
+        };
+        let Some(net) = guard.as_ref() else {
+            return match query {
+                Control::Stats => info(serde_json::json!({ "network": null })),
+                Control::Ports => info(serde_json::json!([])),
+                _ => Err("the box has no network (--network none)".into()),
+            };
+        };
+        match query {
+            Control::Stats => info(serde_json::json!({ "network": net.metrics() })),
+            Control::Ports => info(serde_json::to_value(net.port_forwards()).unwrap_or_default()),
+            Control::PortAdd { forward } => {
+                let spec: PortForward = forward
+                    .parse()
+                    .map_err(|e: crate::net::NetworkError| e.to_string())?;
+                let added = net.add_port_forward(spec).map_err(|e| e.to_string())?;
+                self.record_forwards(net);
+                info(serde_json::to_value(added).unwrap_or_default())
+            }
+            Control::PortRemove { forward } => {
+                let spec: PortForward = forward
+                    .parse()
+                    .map_err(|e: crate::net::NetworkError| e.to_string())?;
+                net.remove_port_forward(&spec).map_err(|e| e.to_string())?;
+                self.record_forwards(net);
+                Ok(Control::Done)
+            }
+            _ => Err("unsupported query".into()),
+        }
+    }
+
+    fn record_forwards(&self, net: &crate::net::NetworkHandle) {
+        let path = self.inner.paths.network_file();
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return;
+        };
+        let Ok(mut config) = serde_json::from_str::<crate::net::NetworkConfig>(&text) else {
+            return;
+        };
+        config.port_forwards = net.port_forwards();
+        super::setup::write_network_file(&self.inner.paths, &config);
     }
 
     fn attach(&self, conn: &Conn, channel: u32, stdin: bool, rows: u16, cols: u16) {

@@ -93,7 +93,10 @@ impl QemuEngine {
         }
         for (i, share) in spec.shares.iter().enumerate() {
             let chardev = format!("socket,id=fs{i},path={}", path(&share.socket));
-            let dev = format!("vhost-user-fs-pci,chardev=fs{i},tag={}", share.tag);
+            let dev = format!(
+                "vhost-user-fs-pci,queue-size=1024,chardev=fs{i},tag={}",
+                share.tag
+            );
             push(&["-chardev", &chardev, "-device", &dev]);
         }
         a

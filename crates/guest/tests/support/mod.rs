@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use boxlite_protocol::{
     read_frame, write_frame, BlockDevice, Control, ExecRequest, Frame, GuestSetup, Tag,
 };
+use sha2::{Digest, Sha256};
 
 /// The repository's root.
 pub fn repo_root() -> PathBuf {
@@ -45,6 +46,20 @@ pub fn assets() -> Assets {
             file.is_file(),
             "{} is missing: run `scripts/build-assets.sh` before the guest tests",
             file.display()
+        );
+    }
+    // Testing an old agent would prove nothing about the current sources.
+    let built = fs::metadata(&assets.initramfs)
+        .and_then(|m| m.modified())
+        .unwrap();
+    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for entry in fs::read_dir(&sources).unwrap().flatten() {
+        let changed = entry.metadata().and_then(|m| m.modified()).unwrap();
+        assert!(
+            changed <= built,
+            "{} is older than {}: run `scripts/build-assets.sh` again",
+            assets.initramfs.display(),
+            entry.path().display()
         );
     }
     assets
@@ -75,32 +90,47 @@ pub fn pattern() -> Vec<u8> {
         .collect()
 }
 
-/// A raw ext4 image (64 MiB) of the busybox rootfs, built once per test process.
+/// A raw ext4 image (64 MiB) of the busybox rootfs plus /pattern, shared by every test and
+/// kept in cargo's test scratch directory under a name derived from its inputs, so that it is
+/// built once and rebuilt when the rootfs script or the host's busybox changes.
 pub fn base_image() -> PathBuf {
     static BASE: OnceLock<PathBuf> = OnceLock::new();
     BASE.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("boxlite-guest-base")
-            .tempdir()
-            .expect("temp dir")
-            .keep();
-        let busybox = fs::metadata("/bin/busybox").map(|m| m.len()).unwrap_or(0);
+        let busybox = fs::read("/bin/busybox").unwrap_or_default();
         assert!(
-            busybox > 0,
+            !busybox.is_empty(),
             "/bin/busybox on this host is missing or empty (something truncated it?): \
              apt-get install --reinstall busybox-static"
         );
-        let tree = dir.join("tree");
-        run(Command::new("bash")
-            .arg(repo_root().join("scripts/make-busybox-rootfs.sh"))
-            .arg(&tree));
+        let script = repo_root().join("scripts/make-busybox-rootfs.sh");
+        let mut key = Sha256::new();
+        key.update(fs::read(&script).expect("scripts/make-busybox-rootfs.sh"));
+        key.update(&busybox);
+        key.update(pattern());
+        let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let raw = scratch.join(format!(
+            "guest-base-{}.raw",
+            &hex::encode(key.finalize())[..16]
+        ));
+        if raw.is_file() {
+            return raw;
+        }
+
+        let work = tempfile::Builder::new()
+            .prefix("guest-base")
+            .tempdir_in(&scratch)
+            .expect("temp dir");
+        let tree = work.path().join("tree");
+        run(Command::new("bash").arg(&script).arg(&tree));
         fs::write(tree.join("pattern"), pattern()).unwrap();
-        let raw = dir.join("base.raw");
+        let staged = work.path().join("base.raw");
         run(Command::new("mke2fs")
             .args(["-q", "-F", "-t", "ext4", "-d"])
             .arg(&tree)
-            .arg(&raw)
+            .arg(&staged)
             .arg("64M"));
+        // Another test process may have won the race; either copy is the same image.
+        fs::rename(&staged, &raw).expect("moving the base image into place");
         raw
     })
     .clone()
@@ -410,6 +440,11 @@ impl Agent {
         write_frame(&mut *self.writer.lock().unwrap(), frame).expect("writing to the agent");
     }
 
+    /// Writes raw bytes (e.g. part of a frame) to the agent.
+    pub fn send_raw(&self, bytes: &[u8]) {
+        io::Write::write_all(&mut *self.writer.lock().unwrap(), bytes).expect("writing raw");
+    }
+
     pub fn control(&self, channel: u32, msg: &Control) {
         self.send(&Frame::control(channel, msg));
     }
@@ -451,12 +486,17 @@ impl Agent {
     /// Sends Setup and returns the reply (Ready or Error).
     pub fn setup(&self, setup: GuestSetup) -> Control {
         self.control(0, &Control::Setup(Box::new(setup)));
-        self.recv_control(0, Duration::from_secs(60))
+        self.recv_control(0, Duration::from_secs(180))
     }
 
     /// Starts a session on a fresh channel.
     pub fn exec(&self, req: ExecRequest) -> Session<'_> {
         let channel = self.next_channel.fetch_add(1, Ordering::SeqCst);
+        self.exec_on(channel, req)
+    }
+
+    /// Starts a session on `channel`.
+    pub fn exec_on(&self, channel: u32, req: ExecRequest) -> Session<'_> {
         self.control(channel, &Control::Exec(Box::new(req)));
         Session {
             agent: self,
