@@ -7,7 +7,7 @@ if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
 
 need=()
 for bin in qemu-system-x86_64 docker-registry skopeo umoci debootstrap cpio mke2fs mkfs.erofs \
-  busybox passt htpasswd jq iperf3 xz depmod; do
+  busybox passt htpasswd jq iperf3 xz depmod openssl python3; do
   command -v "$bin" >/dev/null 2>&1 || need+=("$bin")
 done
 [ -e /usr/lib/x86_64-linux-gnu/libslirp.so ] || need+=(libslirp)
@@ -35,7 +35,7 @@ $SUDO apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-s
 $SUDO apt-get install -y -q --no-install-recommends \
   docker-registry skopeo umoci debootstrap cpio e2fsprogs erofs-utils busybox-static passt \
   kmod libslirp-dev libslirp0 apache2-utils jq iperf3 xz-utils libc6-dev libseccomp-dev libcap-ng-dev \
-  pkg-config iproute2 dnsutils python3 curl ca-certificates zstd
+  pkg-config iproute2 dnsutils python3 curl ca-certificates zstd openssl
 # docker-registry's package starts a system service on :5000; tests run their own instances.
 $SUDO systemctl disable --now docker-registry >/dev/null 2>&1 || true
 pkill -f '/usr/bin/docker-registry serve /etc/docker/registry' 2>/dev/null || true

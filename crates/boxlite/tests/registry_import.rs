@@ -43,6 +43,7 @@ fn assert_same_tree(expected: &[treecmp::Entry], dir: &Path, what: &str) {
         expected,
         &treecmp::manifest(dir),
         &treecmp::Compare {
+            mtimes: true,
             xattrs: true,
             ..Default::default()
         },

@@ -57,16 +57,7 @@ fn unpack_equals_umoci_unpack() {
             let dest = work.path().join(format!("boxlite-{format}-{tag}"));
             images.unpack(&reference, &dest).unwrap();
             let got = treecmp::manifest(&dest);
-            // Known shortcoming of assembly (layer-cache work): a directory that a layer only
-            // holds whiteouts for (`etc/.wh.issue` without an `etc/` entry) gets the time of
-            // the layer's extraction instead of keeping the lower layer's mtime. Directory
-            // mtimes are therefore not compared; every other mtime is.
-            let dirs: std::collections::HashSet<&str> = expected
-                .iter()
-                .filter(|e| e.kind == 'd')
-                .map(|e| e.path.as_str())
-                .collect();
-            let differences: Vec<String> = treecmp::diff(
+            let differences = treecmp::diff(
                 &expected,
                 &got,
                 &treecmp::Compare {
@@ -74,13 +65,7 @@ fn unpack_equals_umoci_unpack() {
                     xattrs: true,
                     ..Default::default()
                 },
-            )
-            .into_iter()
-            .filter(|d| {
-                let path = d.split(": mtime differs").next().unwrap_or("");
-                !(d.contains(": mtime differs") && dirs.contains(path))
-            })
-            .collect();
+            );
             assert!(
                 differences.is_empty(),
                 "{reference}: boxlite unpack differs from umoci unpack:\n{}",

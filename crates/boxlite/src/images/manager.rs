@@ -9,10 +9,12 @@
 //! since Boxes are the runtime's business).
 
 use std::collections::HashSet;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
@@ -217,7 +219,8 @@ impl ImageManager {
             options,
             &mut report,
         )?;
-        let (extracted, present) = self.prepare_layers(&image)?;
+        let show = !options.quiet && std::io::stderr().is_terminal();
+        let (extracted, present) = self.prepare_layers(&image, show)?;
         report.layers_extracted = extracted;
         report.layers_present = present;
         let record = self.record(&image, &[reference])?;
@@ -229,7 +232,7 @@ impl ImageManager {
     pub fn import(&self, path: &Path, tag: Option<&str>) -> Result<ImageRecord> {
         let tag: Option<Reference> = tag.map(str::parse).transpose()?;
         let imported = import::import(&self.store, path, tag.as_ref())?;
-        self.prepare_layers(&imported.image)?;
+        self.prepare_layers(&imported.image, false)?;
         self.record(&imported.image, &imported.references)
     }
 
@@ -535,7 +538,7 @@ impl ImageManager {
         dir: &Path,
         mode: AssembleMode,
     ) -> Result<assemble::AssembleStats> {
-        self.ensure_layers(&record.id, &record.layers, &record.diff_ids)?;
+        self.ensure_layers(&record.id, &record.layers, &record.diff_ids, false)?;
         assemble::assemble(&self.storage, &record.diff_ids, dir, mode).map_err(|source| {
             ImageError::Unpack {
                 id: record.id.clone(),
@@ -546,11 +549,12 @@ impl ImageManager {
     }
 
     /// Extracts the image's layers into the shared layer cache; returns (extracted, present).
-    fn prepare_layers(&self, image: &StoredImage) -> Result<(usize, usize)> {
+    fn prepare_layers(&self, image: &StoredImage, show: bool) -> Result<(usize, usize)> {
         let result = self.ensure_layers(
             &image.config_digest,
             &image.manifest.layers,
             &image.config.rootfs.diff_ids,
+            show,
         );
         if let Err(ImageError::Layer { digest, .. }) = &result {
             self.drop_unrecorded_blob(digest);
@@ -558,33 +562,72 @@ impl ImageManager {
         result
     }
 
-    /// Makes sure every layer is extracted (each diff_id once, shared across images).
+    /// Makes sure every layer is extracted (each diff_id once, shared across images). Layers
+    /// are independent in the cache, so several are extracted at once.
     fn ensure_layers(
         &self,
         id: &Digest,
         layers: &[Descriptor],
         diff_ids: &[DiffId],
+        show_progress: bool,
     ) -> Result<(usize, usize)> {
+        let progress = show_progress.then(MultiProgress::new);
         let limits = Limits {
             max_uncompressed_bytes: self.settings.max_layer_size,
             ..Limits::default()
         };
+        // Images repeat layers (empty ones above all): each diff_id once.
+        let mut seen = HashSet::new();
+        let work: Vec<(&Descriptor, &DiffId)> = layers
+            .iter()
+            .zip(diff_ids)
+            .filter(|(_, d)| seen.insert(*d))
+            .collect();
+        let queue = Mutex::new(work.into_iter());
+        let results = Mutex::new(Vec::new());
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 4)
+            .min(layers.len().max(1));
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| loop {
+                    let Some((layer, diff_id)) = queue.lock().expect("queue").next() else {
+                        return;
+                    };
+                    let path = self.store.blob_path(&layer.digest);
+                    let blob = LayerBlob {
+                        path: &path,
+                        media_type: &layer.media_type,
+                        digest: &layer.digest,
+                    };
+                    let spinner = progress.as_ref().map(|p| extracting(p, &layer.digest));
+                    let result = self.storage.ensure_layer(&blob, diff_id, &limits);
+                    if let Some(spinner) = spinner {
+                        spinner.finish_with_message(match &result {
+                            Ok(info) if info.extracted => "extracted",
+                            Ok(_) => "already extracted",
+                            Err(_) => "failed",
+                        });
+                    }
+                    let failed = result.is_err();
+                    results.lock().expect("results").push((layer, result));
+                    if failed {
+                        // Stop taking new layers; the first error is reported.
+                        queue.lock().expect("queue").by_ref().for_each(drop);
+                    }
+                });
+            }
+        });
+
         let (mut extracted, mut present) = (0, 0);
-        for (layer, diff_id) in layers.iter().zip(diff_ids) {
-            let path = self.store.blob_path(&layer.digest);
-            let blob = LayerBlob {
-                path: &path,
-                media_type: &layer.media_type,
-                digest: &layer.digest,
-            };
-            let info = self
-                .storage
-                .ensure_layer(&blob, diff_id, &limits)
-                .map_err(|source| ImageError::Layer {
-                    id: id.clone(),
-                    digest: layer.digest.clone(),
-                    source: Box::new(source),
-                })?;
+        for (layer, result) in results.into_inner().expect("results") {
+            let info = result.map_err(|source| ImageError::Layer {
+                id: id.clone(),
+                digest: layer.digest.clone(),
+                source: Box::new(source),
+            })?;
             if info.extracted {
                 extracted += 1;
             } else {
@@ -605,6 +648,18 @@ impl ImageManager {
             let _ = self.store.remove(digest);
         }
     }
+}
+
+/// A spinner line for one layer being extracted.
+fn extracting(progress: &MultiProgress, digest: &Digest) -> ProgressBar {
+    let spinner = progress.add(ProgressBar::new_spinner());
+    if let Ok(style) = ProgressStyle::with_template("{prefix} {spinner} {msg}") {
+        spinner.set_style(style);
+    }
+    spinner.set_prefix(digest.hex()[..12].to_string());
+    spinner.set_message("extracting");
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    spinner
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<std::fs::DirEntry>> {
@@ -633,5 +688,36 @@ fn remove_path(path: &Path) -> Result<()> {
             path: path.to_path_buf(),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The public image types can be shared across threads, as the runtime does.
+    #[test]
+    fn public_types_are_send_and_sync() {
+        fn check<T: Send + Sync + std::fmt::Debug>() {}
+        check::<ImageManager>();
+        check::<ImageRecord>();
+        check::<PruneReport>();
+        check::<ImageError>();
+        check::<PullReport>();
+        check::<PullOptions>();
+        check::<Reference>();
+        check::<ImageStore>();
+        check::<RegistryClient>();
+        check::<CredentialStore>();
+        check::<ImageSettings>();
+    }
+
+    #[test]
+    fn records_keep_loading_with_unknown_fields() {
+        let json = r#"{"id":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            "manifest_digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            "diff_ids":[],"layers":[],"size":0,"created_at":1,"added_later":{"x":1}}"#;
+        let record: ImageRecord = serde_json::from_str(json).unwrap();
+        assert!(record.references.is_empty() && record.blobs.is_empty());
     }
 }

@@ -30,7 +30,9 @@ use crate::images::manifest::{
     OCI_CONFIG,
 };
 use crate::images::reference::Reference;
-use crate::images::registry::{CredentialStore, ImageSettings, RegistryClient, RegistryError};
+use crate::images::registry::{
+    CredentialStore, FetchedManifest, ImageSettings, RegistryClient, RegistryError,
+};
 use crate::images::store::{Fetched, ImageStore, StoreError};
 
 /// Attempts per blob for transient failures (each attempt resumes where the last stopped).
@@ -196,48 +198,8 @@ pub fn pull(
         report,
     )?;
 
-    let kind =
-        ManifestKind::parse(&fetched.body, fetched.content_type.as_deref()).map_err(|source| {
-            PullError::Manifest {
-                reference: name.clone(),
-                source,
-            }
-        })?;
-    let mut documents = vec![(top_digest.clone(), fetched.body.clone())];
-    let (manifest_digest, manifest) = match kind {
-        ManifestKind::Manifest(m) => (top_digest.clone(), m),
-        ManifestKind::Index(index) => {
-            let Some(entry) = index.select(&platform) else {
-                return Err(PullError::NoPlatform {
-                    reference: name,
-                    platform: platform.to_string(),
-                    available: index.platforms().join(", "),
-                });
-            };
-            debug!(digest = %entry.digest, %platform, "picked manifest from index");
-            let child = client
-                .manifest(repo, &entry.digest.to_string())
-                .map_err(registry_err)?;
-            let body = verified_document(&child.body, entry, &name, "manifest")?;
-            match ManifestKind::parse(&body, child.content_type.as_deref()).map_err(|source| {
-                PullError::Manifest {
-                    reference: name.clone(),
-                    source,
-                }
-            })? {
-                ManifestKind::Manifest(m) => {
-                    documents.push((entry.digest.clone(), body));
-                    (entry.digest.clone(), m)
-                }
-                ManifestKind::Index(_) => {
-                    return Err(PullError::NestedIndex {
-                        reference: name,
-                        digest: entry.digest.clone(),
-                    })
-                }
-            }
-        }
-    };
+    let (documents, manifest_digest, manifest) =
+        resolve_manifest(&client, reference, &top_digest, &fetched, &platform)?;
     if !matches!(
         manifest.config.media_type.as_str(),
         OCI_CONFIG | DOCKER_CONFIG
@@ -270,6 +232,20 @@ pub fn pull(
             digest: config_desc.digest.clone(),
             source,
         })?;
+    let got = Platform {
+        os: config.os.clone(),
+        architecture: config.architecture.clone(),
+        variant: None,
+    };
+    let wanted = Platform {
+        variant: None,
+        ..platform.clone()
+    };
+    if !wanted.matches(&got) {
+        let msg = format!("{name} is built for {got}, not for the requested {platform}");
+        warn!("{msg}");
+        report.warnings.push(msg);
+    }
     if config.rootfs.diff_ids.len() != manifest.layers.len() {
         return Err(PullError::LayerCount {
             digest: config_desc.digest.clone(),
@@ -316,6 +292,66 @@ pub fn pull(
     })
 }
 
+/// The platform manifest behind the top document (itself, or the index entry for `platform`),
+/// with the documents to store: `(digest, body)` of the top one and of the picked one.
+#[allow(clippy::type_complexity)]
+fn resolve_manifest(
+    client: &RegistryClient,
+    reference: &Reference,
+    top_digest: &Digest,
+    fetched: &FetchedManifest,
+    platform: &Platform,
+) -> Result<(Vec<(Digest, Vec<u8>)>, Digest, Manifest), PullError> {
+    let name = reference.to_string();
+    let repo = reference.repository();
+    let registry_err = |source| PullError::Registry {
+        reference: name.clone(),
+        source,
+    };
+    let kind =
+        ManifestKind::parse(&fetched.body, fetched.content_type.as_deref()).map_err(|source| {
+            PullError::Manifest {
+                reference: name.clone(),
+                source,
+            }
+        })?;
+    let mut documents = vec![(top_digest.clone(), fetched.body.clone())];
+    let (manifest_digest, manifest) = match kind {
+        ManifestKind::Manifest(m) => (top_digest.clone(), m),
+        ManifestKind::Index(index) => {
+            let Some(entry) = index.select(platform) else {
+                return Err(PullError::NoPlatform {
+                    reference: name,
+                    platform: platform.to_string(),
+                    available: index.platforms().join(", "),
+                });
+            };
+            debug!(digest = %entry.digest, %platform, "picked manifest from index");
+            let child = manifest_with_retries(client, repo, &entry.digest.to_string())
+                .map_err(registry_err)?;
+            let body = verified_document(&child.body, entry, &name, "manifest")?;
+            match ManifestKind::parse(&body, child.content_type.as_deref()).map_err(|source| {
+                PullError::Manifest {
+                    reference: name.clone(),
+                    source,
+                }
+            })? {
+                ManifestKind::Manifest(m) => {
+                    documents.push((entry.digest.clone(), body));
+                    (entry.digest.clone(), m)
+                }
+                ManifestKind::Index(_) => {
+                    return Err(PullError::NestedIndex {
+                        reference: name,
+                        digest: entry.digest.clone(),
+                    })
+                }
+            }
+        }
+    };
+    Ok((documents, manifest_digest, manifest))
+}
+
 /// Asks each mirror of the registry, then the registry itself, for the top manifest; the first
 /// endpoint that answers serves the whole pull.
 fn fetch_top_manifest(
@@ -349,8 +385,33 @@ fn fetch_top_manifest(
     }
     let credential = credentials.lookup(reference.registry())?;
     let client = RegistryClient::new(reference.registry(), &upstream, credential, settings);
-    let m = client.manifest(reference.repository(), &reference.manifest_reference())?;
+    let m = manifest_with_retries(
+        &client,
+        reference.repository(),
+        &reference.manifest_reference(),
+    )?;
     Ok((client, m))
+}
+
+/// A manifest request, retried like blobs when the failure is transient (network, 5xx, 429).
+fn manifest_with_retries(
+    client: &RegistryClient,
+    repo: &str,
+    reference: &str,
+) -> Result<FetchedManifest, RegistryError> {
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempt = 1;
+    loop {
+        match client.manifest(repo, reference) {
+            Err(e) if e.is_transient() && attempt < ATTEMPTS => {
+                warn!(repo, reference, attempt, error = %e, "manifest request failed; retrying");
+                std::thread::sleep(backoff);
+                backoff *= 2;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
 }
 
 fn check_top_digest(

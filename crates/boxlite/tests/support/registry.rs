@@ -43,6 +43,23 @@ pub struct Registry {
     basic_user: Option<(String, String)>,
 }
 
+/// Whether our `child` serves `port`: it accepts connections and is still running a moment
+/// later (a registry that lost the port to someone else exits).
+fn wait_ready(child: &mut Child, port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            std::thread::sleep(Duration::from_millis(300));
+            return matches!(child.try_wait(), Ok(None));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
 /// A free TCP port on 127.0.0.1 (bound, then released: fine for tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -55,7 +72,6 @@ pub fn free_port() -> u16 {
 impl Registry {
     pub fn start(auth: Auth) -> Registry {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let mut issuer = None;
         let auth_yaml = match &auth {
             Auth::None => String::new(),
@@ -86,47 +102,44 @@ impl Registry {
                 yaml
             }
         };
-        let config = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\n\
-             storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-             http:\n  addr: 127.0.0.1:{port}\n  secret: boxlite-test-secret\n{auth_yaml}",
-            dir.path().join("data").display()
-        );
-        let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdout(std::fs::File::create(dir.path().join("access.log")).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("registry.log")).unwrap())
-            .spawn()
-            .expect("docker-registry must be installed");
         let basic_user = match &auth {
             Auth::Basic { user, password } => Some((user.clone(), password.clone())),
             _ => None,
         };
-        let registry = Registry {
-            child,
-            port,
-            dir,
-            issuer,
-            basic_user,
-        };
-        registry.wait_ready();
-        registry
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+        // Another test may take the free port between our probe and the registry's bind: then
+        // the registry exits, and we try another port.
+        for _ in 0..5 {
+            let port = free_port();
+            let config = format!(
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+                 http:\n  addr: 127.0.0.1:{port}\n  secret: boxlite-test-secret\n{auth_yaml}",
+                dir.path().join("data").display()
+            );
+            let config_path = dir.path().join("config.yml");
+            std::fs::write(&config_path, config).unwrap();
+            let mut child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config_path)
+                .stdout(std::fs::File::create(dir.path().join("access.log")).unwrap())
+                .stderr(std::fs::File::create(dir.path().join("registry.log")).unwrap())
+                .spawn()
+                .expect("docker-registry must be installed");
+            if wait_ready(&mut child, port) {
+                return Registry {
+                    child,
+                    port,
+                    dir,
+                    issuer,
+                    basic_user,
+                };
             }
-            std::thread::sleep(Duration::from_millis(50));
+            let _ = child.kill();
+            let _ = child.wait();
         }
         panic!(
             "docker-registry did not start: {}",
-            std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+            std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default()
         );
     }
 

@@ -16,6 +16,7 @@ pub struct Logged {
     /// Path and query.
     pub url: String,
     pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
 }
 
 impl Logged {
@@ -87,8 +88,11 @@ impl Scripted {
             let server = server.clone();
             let log = log.clone();
             std::thread::spawn(move || {
-                for req in server.incoming_requests() {
+                for mut req in server.incoming_requests() {
+                    let mut body = Vec::new();
+                    let _ = req.as_reader().read_to_end(&mut body);
                     let logged = Logged {
+                        body,
                         method: req.method().to_string(),
                         url: req.url().to_string(),
                         headers: req

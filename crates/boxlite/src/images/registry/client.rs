@@ -321,7 +321,12 @@ impl RegistryClient {
             .map(Credential::basic_header);
         debug!(realm = %strip_query(realm), scope, "requesting a registry token");
         self.token_requests.fetch_add(1, Ordering::Relaxed);
-        let mut resp = self.get_with_redirects(&url, &[], authorization)?;
+        let mut resp = match self.credential.as_ref().filter(|_| may_send) {
+            Some(c) if c.is_identity_token() => {
+                self.refresh_token_grant(realm, service, scope, &c.password)?
+            }
+            _ => self.get_with_redirects(&url, &[], authorization)?,
+        };
         let status = resp.status().as_u16();
         match status {
             200 => {
@@ -339,6 +344,35 @@ impl RegistryClient {
                 message: read_message(&mut resp),
             }),
         }
+    }
+
+    /// The OAuth2 refresh-token grant of the distribution token spec (`POST realm`, form
+    /// encoded), for identity tokens.
+    fn refresh_token_grant(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+        refresh_token: &Secret,
+    ) -> Result<Response<Body>> {
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("client_id", "boxlite"),
+            ("refresh_token", refresh_token.expose()),
+        ];
+        if let Some(service) = service {
+            form.push(("service", service));
+        }
+        if !scope.is_empty() {
+            form.push(("scope", scope));
+        }
+        self.agent
+            .post(realm)
+            .send_form(form)
+            .map_err(|source| RegistryError::Transport {
+                url: strip_query(realm),
+                source: Box::new(source),
+            })
     }
 
     /// A GET that follows redirects itself, dropping `authorization` when the origin changes.

@@ -65,6 +65,19 @@ impl Credential {
         }
     }
 
+    /// Docker's marker user name for an identity token (an OAuth2 refresh token) in place of a
+    /// password.
+    pub const IDENTITY_TOKEN_USER: &'static str = "<token>";
+
+    /// An identity token: exchanged at the token endpoint by the OAuth2 refresh-token grant.
+    pub fn identity_token(token: impl Into<String>) -> Credential {
+        Credential::new(Credential::IDENTITY_TOKEN_USER, token)
+    }
+
+    pub fn is_identity_token(&self) -> bool {
+        self.username == Credential::IDENTITY_TOKEN_USER
+    }
+
     /// The value of an `Authorization: Basic …` header.
     pub fn basic_header(&self) -> Secret {
         let raw = format!("{}:{}", self.username, self.password.expose());
@@ -109,6 +122,8 @@ struct AuthFile {
 struct AuthEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     auth: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    identitytoken: Option<String>,
     #[serde(flatten)]
     other: BTreeMap<String, serde_json::Value>,
 }
@@ -171,6 +186,7 @@ impl CredentialStore {
             registry.to_string(),
             AuthEntry {
                 auth: Some(base64::engine::general_purpose::STANDARD.encode(raw)),
+                identitytoken: None,
                 other: BTreeMap::new(),
             },
         );
@@ -235,7 +251,10 @@ fn find_in_auths(file: &AuthFile, registry: &str) -> Option<Credential> {
     file.auths
         .iter()
         .filter(|(k, _)| same_registry(k, registry))
-        .find_map(|(_, e)| e.auth.as_deref().and_then(Credential::from_auth_field))
+        .find_map(|(_, e)| match &e.identitytoken {
+            Some(token) if !token.is_empty() => Some(Credential::identity_token(token.clone())),
+            _ => e.auth.as_deref().and_then(Credential::from_auth_field),
+        })
 }
 
 /// Docker config keys come as `host`, `https://host/v1/`, … ; Docker Hub under several names.
@@ -303,8 +322,7 @@ fn run_helper(helper: &str, registry: &str) -> Result<Option<Credential>> {
     }
     let answer: HelperAnswer = serde_json::from_slice(&out.stdout)
         .map_err(|e| fail(format!("its answer is not the expected JSON: {e}")))?;
-    // A user name of "<token>" marks an identity token (OAuth refresh token). Known
-    // shortcoming: boxlite does not run the OAuth exchange; it is sent as a password meanwhile.
+    // A user name of "<token>" marks an identity token; the client exchanges it by OAuth2.
     Ok(Some(Credential::new(answer.username, answer.secret)))
 }
 
@@ -364,5 +382,14 @@ mod tests {
         let c = store.lookup("docker.io").unwrap().unwrap();
         assert_eq!(c, Credential::new("tester", "s3cret-pass"));
         assert!(store.lookup("quay.io").unwrap().is_none());
+
+        std::fs::write(
+            store.docker_config.as_ref().unwrap(),
+            r#"{"auths":{"registry.example":{"auth":"","identitytoken":"REFRESH-1"}}}"#,
+        )
+        .unwrap();
+        let c = store.lookup("registry.example").unwrap().unwrap();
+        assert!(c.is_identity_token());
+        assert_eq!(c.password.expose(), "REFRESH-1");
     }
 }
