@@ -82,8 +82,8 @@ impl Runtime {
             count: image_ids.len(),
             blobs_bytes: du(&home.blobs_dir()),
             layers_bytes: du(&home.layers_dir()),
-            base_disks_bytes: du(&home.rootfs_dir()),
-            base_disks: count_files(&home.rootfs_dir(), "raw"),
+            base_disks_bytes: files(&home.rootfs_dir(), "raw").iter().map(|p| du(p)).sum(),
+            base_disks: files(&home.rootfs_dir(), "raw").len(),
         };
         let boxes: Vec<BoxUsage> = records
             .iter()
@@ -103,8 +103,9 @@ impl Runtime {
             })
             .collect();
         let volumes = volumes_usage(&home.volumes_dir());
-        let shared_layers_bytes = du(&disk::layers_dir(home));
-        let shared_layers = count_files(&disk::layers_dir(home), "qcow2");
+        let layers = files(&disk::layers_dir(home), "qcow2");
+        let shared_layers_bytes = layers.iter().map(|p| du(p)).sum();
+        let shared_layers = layers.len();
         let ids: Vec<&str> = image_ids.iter().map(String::as_str).collect();
         let boxes_ids: Vec<&str> = box_ids.iter().map(String::as_str).collect();
         let reclaimable_bytes = gc::usage(home, &ids, &boxes_ids).reclaimable;
@@ -226,15 +227,21 @@ fn du_walk(path: &Path, seen: &mut HashSet<(u64, u64)>) -> u64 {
         .sum::<u64>()
 }
 
-fn count_files(dir: &Path, ext: &str) -> usize {
+/// The files in `dir` whose name ends in `.ext` (hidden and temporary ones left out).
+fn files(dir: &Path, ext: &str) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == ext))
-                .count()
+                .map(|e| e.path())
+                .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == ext))
+                .filter(|p| {
+                    !p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                })
+                .collect()
         })
-        .unwrap_or(0)
+        .unwrap_or_default()
 }
 
 fn volumes_usage(dir: &Path) -> Vec<VolumeUsage> {
