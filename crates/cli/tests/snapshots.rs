@@ -15,6 +15,10 @@ fn hashes(env: &Env, name: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+fn inspect(env: &Env, name: &str) -> serde_json::Value {
+    serde_json::from_str(&env.ok(&["inspect", name])).unwrap()
+}
+
 fn exists(env: &Env, name: &str, path: &str) -> bool {
     env.run(&["exec", name, "test", "-e", path])
         .status
@@ -60,8 +64,8 @@ fn snapshot_restore_brings_back_the_files_and_clones_keep_their_writes_apart() {
     // Clone first (the disks then share a frozen layer), then snapshot the source.
     let clone_id = env.ok(&["clone", "src", "copy"]);
     assert_eq!(clone_id.trim().len(), 32, "clone prints the new Box id");
-    let copy = env.state_of("copy");
-    let src = env.state_of("src");
+    let copy = inspect(&env, "copy");
+    let src = inspect(&env, "src");
     assert_eq!(copy["state"], "created");
     assert_ne!(copy["id"], src["id"]);
     assert_ne!(copy["config"]["mac"], src["config"]["mac"]);
