@@ -179,3 +179,37 @@ fn snapshot_commands_name_a_missing_box_or_a_bad_snapshot_name() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad/name"));
     assert_ne!(out.status.code(), Some(0));
 }
+
+#[test]
+fn a_clone_of_a_box_with_snapshots_carries_them_and_stays_independent() {
+    let env = Env::new();
+    let img = env.busybox();
+    env.ok(&["create", "--name", "orig", img]);
+    env.ok(&["snapshot", "create", "orig", "base-state"]);
+    env.ok(&["clone", "orig", "dup"]);
+
+    let names = |name: &str| -> Vec<String> {
+        let list: Vec<serde_json::Value> =
+            serde_json::from_str(&env.ok(&["snapshot", "ls", name, "--json"])).unwrap();
+        list.iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names("dup"), vec!["base-state".to_string()]);
+    let disk = env.disk_of("dup");
+    assert_qcow2_clean(&disk);
+    assert_eq!(
+        backing_chain(&disk).len(),
+        2,
+        "a copied overlay over the base"
+    );
+
+    // Each Box's snapshots are its own from now on.
+    env.ok(&["snapshot", "rm", "dup", "base-state"]);
+    env.ok(&["snapshot", "create", "dup", "mine"]);
+    assert_eq!(names("orig"), vec!["base-state".to_string()]);
+    assert_eq!(names("dup"), vec!["mine".to_string()]);
+    env.ok(&["rm", "orig"]);
+    env.ok(&["snapshot", "restore", "dup", "mine"]);
+    assert_qcow2_clean(&env.disk_of("dup"));
+}
