@@ -54,33 +54,42 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Removes whatever is at `path` (the busybox tree has absolute symlinks to /bin/busybox:
+/// writing through one would write into the host's busybox).
+fn fresh(path: &Path) -> &Path {
+    if std::fs::symlink_metadata(path).is_ok() {
+        std::fs::remove_file(path).unwrap();
+    }
+    path
+}
+
 /// The tree of a small image with every kind of thing an image may carry.
 fn awkward_tree(dir: &Path) {
     busybox_tree(dir);
     let d = dir;
-    std::fs::write(d.join("etc/secret"), "s3cret\n").unwrap();
+    std::fs::write(fresh(&d.join("etc/secret")), "s3cret\n").unwrap();
     std::fs::set_permissions(d.join("etc/secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
     chown(&d.join("etc/secret"), 1000, 50);
-    std::fs::write(d.join("bin/suid"), "#!/bin/sh\n").unwrap();
+    std::fs::write(fresh(&d.join("bin/suid")), "#!/bin/sh\n").unwrap();
     std::fs::set_permissions(d.join("bin/suid"), std::fs::Permissions::from_mode(0o4755)).unwrap();
-    std::fs::copy("/bin/busybox", d.join("bin/ping")).unwrap();
+    std::fs::copy("/bin/busybox", fresh(&d.join("bin/ping"))).unwrap();
     // VFS_CAP_REVISION_2, cap_net_raw permitted + effective.
     let cap = [
         0x01, 0x00, 0x00, 0x02, 0x00, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
     ];
     set_xattr(&d.join("bin/ping"), "security.capability", &cap);
     set_xattr(&d.join("etc/secret"), "user.origin", b"layer-3");
-    std::fs::write(d.join("usr/bin/tool"), vec![7u8; 300_000]).unwrap();
-    std::fs::hard_link(d.join("usr/bin/tool"), d.join("usr/bin/tool-alias")).unwrap();
-    symlink("../../etc/secret", d.join("usr/bin/to-secret")).unwrap();
+    std::fs::write(fresh(&d.join("usr/bin/tool")), vec![7u8; 300_000]).unwrap();
+    std::fs::hard_link(d.join("usr/bin/tool"), fresh(&d.join("usr/bin/tool-alias"))).unwrap();
+    symlink("../../etc/secret", fresh(&d.join("usr/bin/to-secret"))).unwrap();
     let long_target = "x".repeat(200);
-    symlink(&long_target, d.join("long-link")).unwrap();
+    symlink(&long_target, fresh(&d.join("long-link"))).unwrap();
     std::fs::create_dir(d.join("opt")).unwrap();
     chown(&d.join("opt"), 4242, 4343);
     std::fs::set_permissions(d.join("opt"), std::fs::Permissions::from_mode(0o2750)).unwrap();
     if is_root() {
         nix::sys::stat::mknod(
-            &d.join("dev/null"),
+            fresh(&d.join("dev/null")),
             nix::sys::stat::SFlag::S_IFCHR,
             nix::sys::stat::Mode::from_bits_truncate(0o666),
             nix::sys::stat::makedev(1, 3),
@@ -88,7 +97,7 @@ fn awkward_tree(dir: &Path) {
         .unwrap();
     }
     nix::unistd::mkfifo(
-        &d.join("run/fifo"),
+        fresh(&d.join("run/fifo")),
         nix::sys::stat::Mode::from_bits_truncate(0o640),
     )
     .unwrap();
@@ -101,6 +110,12 @@ fn base_disk_carries_the_tree_exactly() {
     let tree = dir.path().join("rootfs");
     awkward_tree(&tree);
     let home = Home::open(dir.path().join("home")).unwrap();
+
+    // What a builder that crashed leaves behind is cleared by the next one.
+    let stale = home.tmp_dir().join("rootfs-0123abcd-99999.raw");
+    std::fs::write(&stale, b"half a filesystem").unwrap();
+    let stale_script = home.tmp_dir().join("rootfs-0123abcd-99999.debugfs");
+    std::fs::write(&stale_script, b"x").unwrap();
 
     let disk = base::ensure_base(&home, "sha256:0123abcd", &tree).unwrap();
     assert!(disk.built);

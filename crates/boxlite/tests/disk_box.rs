@@ -94,6 +94,16 @@ fn guest_read_raw_base(f: &Fixture) -> Vec<u8> {
 }
 
 #[test]
+fn prepare_boot_repairs_leaks() {
+    let f = fixture();
+    let disk = new_disk(&f, "leaky");
+    make_leak(disk.path());
+    disk.prepare_boot().unwrap();
+    assert_check_clean(disk.path());
+    assert_eq!(guest_read(disk.path(), 1024 + 56, 2), [0x53, 0xef]);
+}
+
+#[test]
 fn a_home_folder_can_move() {
     let f = fixture();
     let disk = new_disk(&f, "mover");

@@ -8,6 +8,7 @@ mod support;
 
 use std::fs;
 
+use boxlite::images::archive::{Compression, LayerStream};
 use boxlite::images::storage::{Limits, StorageError};
 use support::{read_layout, run_case, Cache};
 
@@ -55,7 +56,9 @@ fn case15_gzip_bomb_and_wrong_diff_id() {
     let after = peak_rss_kib();
     eprintln!("bomb refused after {:?}, peak RSS {after} KiB", t.elapsed());
     let msg = err.to_string();
-    assert!(matches!(err, StorageError::Archive(_)), "{msg}");
+    // Refused before decompressing it: the member's declared size is past the limit.
+    assert!(matches!(err, StorageError::TooLarge { .. }), "{msg}");
+    assert!(msg.contains("zeros.bin"), "{msg}");
     assert!(
         msg.contains(layer_digest),
         "error must name the layer digest: {msg}"
@@ -75,6 +78,22 @@ fn case15_gzip_bomb_and_wrong_diff_id() {
         .parse()
         .unwrap();
     assert!(!cache.storage.has_layer(&diff_id));
+
+    // The stream itself stops at the limit too (a bomb hiding in what no member declares).
+    let (path, _, digest) = &bomb.layers[0];
+    let blob = fs::File::open(path).unwrap();
+    let mut stream = LayerStream::open(blob, Compression::Gzip, digest.clone(), 64 << 20).unwrap();
+    assert!(stream.drain().is_err());
+    let err = stream.limit_error().expect("the limit was hit").to_string();
+    assert!(
+        err.contains(layer_digest) && err.contains("64 MiB"),
+        "{err}"
+    );
+    let after = peak_rss_kib();
+    assert!(
+        after < 200 * 1024,
+        "peak RSS {after} KiB: the stream was buffered"
+    );
 
     // The honest layer with a lying config.
     let bad = read_layout(&gen.path().join("baddiff"), None);

@@ -37,23 +37,27 @@ fn matches_umoci_unpack() {
     );
 
     let image = read_layout(&work.path().join("layout"), Some("img"));
-    assert_eq!(image.layers.len(), 3);
+    assert_eq!(image.layers.len(), 4);
     let reference = manifest(&work.path().join("ref/rootfs"));
     assert!(reference.len() > 300, "the reference tree is a real rootfs");
 
     let cache = Cache::new();
     let ids = cache.add_image(&image, &Limits::default()).unwrap();
-    assert_eq!(cache.storage.extractions(), 3);
+    assert_eq!(cache.storage.extractions(), 4);
     let cmp = Compare {
         mtimes: true,
         root_attrs: false,
         xattrs: true,
         ignore_xattr_prefixes: vec![],
     };
+    let cache_before: Vec<_> = ids
+        .iter()
+        .map(|d| manifest(&cache.storage.layer_root(d)))
+        .collect();
     for mode in [AssembleMode::Copy, AssembleMode::Link] {
         let (root, stats) = cache.assemble(&ids, mode);
         let stats = stats.unwrap();
-        assert_eq!(stats.layers, 3);
+        assert_eq!(stats.layers, 4);
         let ours = manifest(&root);
         let differences = diff(&ours, &reference, &cmp);
         assert!(
@@ -63,7 +67,24 @@ fn matches_umoci_unpack() {
             differences.join("\n")
         );
     }
+    // Link mode shares inodes with the cache and must never have changed one.
+    for (d, before) in ids.iter().zip(&cache_before) {
+        let after = manifest(&cache.storage.layer_root(d));
+        let changed = diff(
+            &after,
+            before,
+            &Compare {
+                root_attrs: true,
+                ..cmp.clone()
+            },
+        );
+        assert!(
+            changed.is_empty(),
+            "layer cache {d} changed:\n{}",
+            changed.join("\n")
+        );
+    }
     // A second image with the same layers extracts nothing.
     cache.add_image(&image, &Limits::default()).unwrap();
-    assert_eq!(cache.storage.extractions(), 3);
+    assert_eq!(cache.storage.extractions(), 4);
 }

@@ -59,11 +59,28 @@ fn unprivileged_extraction_records_what_it_cannot_apply() {
         text.contains("1 passed"),
         "the unprivileged half did not run:\n{text}"
     );
+    let left: Vec<_> = fs::read_dir(&scratch)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(
-        fs::read_dir(&scratch).unwrap().count(),
-        0,
-        "the unprivileged run left files behind"
+        left,
+        ["kept-home"],
+        "the unprivileged run left other files behind"
     );
+
+    // Root assembling the unprivileged cache creates the device nodes it recorded.
+    let home = boxlite::home::Home::open(scratch.join("kept-home")).unwrap();
+    let storage = boxlite::images::storage::ImageStorage::new(&home);
+    let ids = storage.list_layers().unwrap();
+    assert_eq!(ids.len(), 1);
+    let dest = tmp.path().join("rootfs");
+    boxlite::images::assemble::assemble(&storage, &ids, &dest, AssembleMode::Copy).unwrap();
+    let null = fs::symlink_metadata(dest.join("dev/null")).unwrap();
+    assert!(null.file_type().is_char_device());
+    assert_eq!(null.rdev(), nix::sys::stat::makedev(1, 3));
+    assert_eq!(null.mode() & 0o7777, 0o666);
+    assert_eq!(null.mtime(), 1_700_000_000);
 }
 
 fn inner() {
@@ -118,7 +135,8 @@ fn inner() {
     let skipped = meta
         .skipped_xattrs
         .iter()
-        .find(|x| x.path.to_string() == "usr/bin/ping" && x.name == "security.capability")
+        .find(|(path, _)| path.to_string() == "usr/bin/ping")
+        .and_then(|(_, xs)| xs.iter().find(|x| x.name == "security.capability"))
         .expect("security.capability recorded");
     assert_eq!(skipped.value_hex, hex::encode(&cap));
     assert!(
@@ -154,6 +172,22 @@ fn inner() {
     let tmp_root = cache.tmp.path().to_path_buf();
     drop(cache);
     assert!(!tmp_root.exists());
+
+    // A cache for the privileged half to assemble.
+    let kept = std::env::temp_dir().join("kept-home");
+    let home = boxlite::home::Home::open(&kept).unwrap();
+    let storage = boxlite::images::storage::ImageStorage::new(&home);
+    let digest = boxlite::images::digest::Digest::of(&layer);
+    let path = kept.join("layer.tar");
+    fs::write(&path, &layer).unwrap();
+    let blob = boxlite::images::storage::LayerBlob {
+        path: &path,
+        media_type: support::TAR,
+        digest: &digest,
+    };
+    storage
+        .ensure_layer(&blob, &digest, &Default::default())
+        .unwrap();
 }
 
 /// Removes an assembled tree with read-only directories in it (as its unprivileged owner).

@@ -8,7 +8,7 @@ mod net_common;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
-use boxlite::net::{NetworkHandle, NetworkKind, NetworkOptions, Topology};
+use boxlite::net::{NetworkHandle, NetworkKind, NetworkOptions, PortForward, Topology};
 use dhcproto::v4::{Message as Dhcp, MessageType};
 use dhcproto::{Decodable, Decoder};
 use hickory_proto::op::Message as Dns;
@@ -26,8 +26,16 @@ fn start(opts: impl FnOnce(&mut NetworkOptions)) -> (tempfile::TempDir, NetworkH
 
 const SHORT: Duration = Duration::from_millis(400);
 
+/// The descriptor-counting test takes this exclusively; every other test shares it.
+static FDS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    FDS.read().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn case_28_dhcp_nak_is_broadcast_and_bad_packets_are_ignored() {
+    let _fds = shared();
     let (_case_dir, case) = run_case("28", &[]);
     let frame = |name: &str| std::fs::read(case.join(name)).unwrap();
     let (_d, net, mut guest) = start(|_| {});
@@ -85,6 +93,7 @@ fn case_28_dhcp_nak_is_broadcast_and_bad_packets_are_ignored() {
 
 #[test]
 fn case_23_dns_replies_fit_the_client_and_set_tc() {
+    let _fds = shared();
     let (_case_dir, case) = run_case("23", &[]);
     let stub = StubDns::start(&case.join("zone.json"));
     let (_d, net, mut guest) = start(|o| o.dns = vec![stub.addr]);
@@ -188,6 +197,7 @@ impl Listeners {
 
 #[test]
 fn case_27_host_loopback_is_private_unless_allowed() {
+    let _fds = shared();
     let listeners = Listeners::bind();
     let gw = |port| SocketAddrV4::new(Topology::GATEWAY, port);
     let alias = |port| SocketAddrV4::new(Topology::HOST_ALIAS, port);
@@ -241,6 +251,7 @@ fn case_27_host_loopback_is_private_unless_allowed() {
 
 #[test]
 fn full_dhcp_exchange_and_udp_nat_round_trip() {
+    let _fds = shared();
     let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
     let echo_addr = echo.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -269,4 +280,243 @@ fn full_dhcp_exchange_and_udp_nat_round_trip() {
     let m = net.metrics();
     assert_eq!((m.tx_packets, m.rx_packets), (5, 5));
     assert_eq!(m.tx_bytes, 5 * (14 + 20 + 8 + 100));
+}
+
+#[test]
+fn udp_port_forward_round_trip_and_removal() {
+    let _fds = shared();
+    let (_d, net, mut guest) = start(|o| o.port_forwards = vec![PortForward::udp(0, 5353)]);
+    let f = net.port_forwards()[0];
+    assert_ne!(f.host_port, 0, "the picked port is reported");
+    // Any frame teaches the stack the guest's MAC (a real guest starts with DHCP).
+    guest.send_udp(9, SocketAddrV4::new(Topology::GATEWAY, 9), b"hi");
+    std::thread::sleep(Duration::from_millis(200));
+
+    let host = UdpSocket::bind("127.0.0.1:0").unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    for round in 0..3u8 {
+        host.send_to(&[b'q', round], f.host_addr()).unwrap();
+        let (src, data) = guest
+            .recv_udp(5353, Duration::from_secs(2))
+            .expect("forwarded");
+        assert_eq!(data, vec![b'q', round]);
+        assert_eq!(
+            *src.ip(),
+            Topology::GATEWAY,
+            "forwarded datagrams come from the gateway"
+        );
+        guest.send_udp(5353, src, &[b'r', round]);
+        let mut buf = [0u8; 16];
+        let (n, from) = host.recv_from(&mut buf).expect("the guest's answer");
+        assert_eq!(&buf[..n], &[b'r', round]);
+        assert_eq!(from, f.host_addr(), "answers come from the forwarded port");
+    }
+    net.remove_port_forward(&f).unwrap();
+    assert!(net.port_forwards().is_empty());
+    let _ = host.send_to(b"late", f.host_addr());
+    assert!(
+        guest.recv_udp(5353, SHORT).is_none(),
+        "a removed forward forwards nothing"
+    );
+    assert!(
+        net.remove_port_forward(&f).is_err(),
+        "removing twice is an error"
+    );
+}
+
+#[test]
+fn icmp_echo_goes_out_through_ping_sockets() {
+    let _fds = shared();
+    // Ping sockets need net.ipv4.ping_group_range, a per-namespace setting: run the stack in a
+    // private network namespace of this thread (and of the threads and commands it starts).
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare (needs root)");
+        let st = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(
+                "ip link set lo up && ip addr add 10.99.0.1/32 dev lo && \
+                 echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range",
+            )
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let (_d, _net, mut guest) = start(|_| {});
+        let dst = Ipv4Addr::new(10, 99, 0, 1);
+        for seq in 1..=3u16 {
+            let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34];
+            icmp.extend_from_slice(&seq.to_be_bytes());
+            icmp.extend_from_slice(b"boxlite ping payload");
+            let frame = boxlite::net::usernet::packet::icmp_frame(
+                net_common::GUEST_MAC,
+                Topology::GATEWAY_MAC,
+                Topology::GUEST,
+                dst,
+                &icmp,
+            );
+            guest.send(&frame);
+            let reply = loop {
+                let f = guest.recv(Duration::from_secs(2)).expect("an echo reply");
+                let eth = EthernetFrame::new_checked(&f[..]).unwrap();
+                let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+                if ip.next_header() == smoltcp::wire::IpProtocol::Icmp {
+                    assert_eq!(ip.src_addr(), dst);
+                    break ip.payload().to_vec();
+                }
+            };
+            let p = smoltcp::wire::Icmpv4Packet::new_checked(&reply[..]).unwrap();
+            assert!(p.verify_checksum());
+            assert_eq!(p.msg_type(), smoltcp::wire::Icmpv4Message::EchoReply);
+            assert_eq!((p.echo_ident(), p.echo_seq_no()), (0x1234, seq));
+            assert_eq!(p.data(), b"boxlite ping payload");
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn pending_connects_are_bounded_and_freed() {
+    let _fds = FDS.write().unwrap_or_else(|e| e.into_inner());
+    // SYNs to a destination that never answers (routed into lo of a private namespace, where
+    // nothing forwards them) keep host connects pending: past the limit, SYNs are reset at once,
+    // and stopping the backend closes every descriptor it held.
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare (needs root)");
+        let st = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("ip link set lo up && ip route add 10.98.0.0/24 dev lo")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let fds0 = fds();
+        let (_d, net, mut guest) = start(|_| {});
+        let dst = SocketAddrV4::new(Ipv4Addr::new(10, 98, 0, 2), 80);
+        let limit = 1024;
+        let extra = 50;
+        for i in 0..(limit + extra) as u16 {
+            guest.send_tcp(20000 + i, dst, TcpControl::Syn, 7);
+        }
+        let mut resets = 0;
+        while let Some(f) = guest.recv(Duration::from_millis(1500)) {
+            let eth = EthernetFrame::new_checked(&f[..]).unwrap();
+            if let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) {
+                if let Ok(tcp) = smoltcp::wire::TcpPacket::new_checked(ip.payload()) {
+                    if tcp.rst() {
+                        resets += 1;
+                    }
+                }
+            }
+        }
+        let m = net.metrics();
+        assert_eq!(m.tcp_connections, limit as u64, "{m:?}");
+        assert_eq!(resets, extra, "SYNs past the limit are reset at once");
+        assert!(
+            fds() <= fds0 + limit + 16,
+            "one descriptor per pending connect"
+        );
+        drop((guest, net));
+        assert!(
+            fds() <= fds0 + 1,
+            "stopping frees everything ({} vs {fds0})",
+            fds()
+        );
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn arp_is_answered_only_for_our_addresses() {
+    let _fds = shared();
+    let (_d, _net, mut guest) = start(|_| {});
+    let ask = |guest: &mut FakeGuest, target: Ipv4Addr| -> Option<[u8; 6]> {
+        let req = smoltcp::wire::ArpRepr::EthernetIpv4 {
+            operation: smoltcp::wire::ArpOperation::Request,
+            source_hardware_addr: smoltcp::wire::EthernetAddress(net_common::GUEST_MAC),
+            source_protocol_addr: Topology::GUEST,
+            target_hardware_addr: smoltcp::wire::EthernetAddress([0; 6]),
+            target_protocol_addr: target,
+        };
+        let eth = smoltcp::wire::EthernetRepr {
+            src_addr: smoltcp::wire::EthernetAddress(net_common::GUEST_MAC),
+            dst_addr: smoltcp::wire::EthernetAddress::BROADCAST,
+            ethertype: EthernetProtocol::Arp,
+        };
+        let mut buf = vec![0u8; eth.buffer_len() + req.buffer_len()];
+        let mut f = EthernetFrame::new_unchecked(&mut buf[..]);
+        eth.emit(&mut f);
+        req.emit(&mut smoltcp::wire::ArpPacket::new_unchecked(
+            f.payload_mut(),
+        ));
+        guest.send(&buf);
+        let reply = guest.recv(SHORT)?;
+        let eth = EthernetFrame::new_checked(&reply[..]).unwrap();
+        let arp = smoltcp::wire::ArpPacket::new_checked(eth.payload()).unwrap();
+        match smoltcp::wire::ArpRepr::parse(&arp).unwrap() {
+            smoltcp::wire::ArpRepr::EthernetIpv4 {
+                operation: smoltcp::wire::ArpOperation::Reply,
+                source_hardware_addr,
+                source_protocol_addr,
+                ..
+            } => {
+                assert_eq!(source_protocol_addr, target);
+                Some(source_hardware_addr.0)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(
+        ask(&mut guest, Topology::GATEWAY),
+        Some(Topology::GATEWAY_MAC)
+    );
+    assert_eq!(
+        ask(&mut guest, Topology::HOST_ALIAS),
+        Some(Topology::GATEWAY_MAC)
+    );
+    for other in [
+        Ipv4Addr::new(192, 168, 127, 50),
+        Topology::GUEST,
+        Ipv4Addr::new(10, 0, 0, 1),
+    ] {
+        assert_eq!(ask(&mut guest, other), None, "{other} is not ours to claim");
+    }
+}
+
+#[test]
+fn big_udp_answers_reach_the_guest_as_fragments() {
+    let _fds = shared();
+    let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 100];
+        if let Ok((_, peer)) = echo.recv_from(&mut buf) {
+            let big: Vec<u8> = (0..9000).map(|i| (i % 249) as u8).collect();
+            let _ = echo.send_to(&big, peer);
+        }
+    });
+    let (_d, _net, mut guest) = start(|o| o.allow_host = true);
+    guest.send_udp(
+        7000,
+        SocketAddrV4::new(Topology::HOST_ALIAS, port),
+        b"big please",
+    );
+    let mut datagram = vec![0u8; 8 + 9000];
+    let mut got = 0;
+    let mut last_seen = false;
+    while !(last_seen && got == datagram.len()) {
+        let f = guest.recv(Duration::from_secs(2)).expect("all fragments");
+        let eth = EthernetFrame::new_checked(&f[..]).unwrap();
+        let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+        assert!(ip.verify_checksum() && f.len() <= 1514);
+        let off = usize::from(ip.frag_offset());
+        datagram[off..off + ip.payload().len()].copy_from_slice(ip.payload());
+        got += ip.payload().len();
+        last_seen |= !ip.more_frags();
+    }
+    let udp = smoltcp::wire::UdpPacket::new_checked(&datagram[..]).unwrap();
+    assert!(udp.verify_checksum(&Topology::HOST_ALIAS.into(), &Topology::GUEST.into()));
+    assert_eq!(udp.dst_port(), 7000);
+    let want: Vec<u8> = (0..9000).map(|i| (i % 249) as u8).collect();
+    assert_eq!(udp.payload(), &want[..]);
 }

@@ -33,20 +33,75 @@ fn tcp_send_pattern(len: usize) -> Vec<u8> {
 }
 
 struct Scenario {
+    /// nslookup through the DNS override (a stub upstream from case 23).
     dns: bool,
+    /// DNS over TCP and the host alias refusal: what only usernet serves.
+    usernet_extras: bool,
     flood: bool,
+    /// The backend relays the peer's FIN after the guest half-closed (passt 2023-03 does not:
+    /// the reply arrives, the EOF never does).
+    eof_after_half_close: bool,
+    /// The gateway refuses connects to ports it does not serve (case 27).
+    gateway_refused: bool,
+    /// A connect the peer refuses reaches the guest as a reset (passt 2023-03 lets it time out).
+    relays_refusal: bool,
+    /// UDP datagrams bigger than the MTU (IPv4 fragments both ways) arrive whole (passt
+    /// 2023-03 returns them mangled).
+    big_udp: bool,
+}
+
+/// busybox nslookup through the DNS override and of the host alias name.
+fn check_dns(guest: &mut Guest) {
+    let small = guest.wait_for("MARK nslookup-small", STEP);
+    assert!(
+        small.contains("198.51.100.200"),
+        "stub upstream via --dns: {small}"
+    );
+    let host = guest.wait_for("MARK nslookup-host", STEP);
+    assert!(
+        host.contains("192.168.127.254"),
+        "host.boxlite.internal: {host}"
+    );
+}
+
+/// Asserts that the guest's connect `who` failed promptly: refused (RST) or unreachable (ICMP),
+/// never a hang (case 27).
+fn check_refused(guest: &mut Guest, who: &str) {
+    let c = guest.wait_for(&format!("MARK {who}"), STEP);
+    let prompt = c.starts_with(&format!("MARK {who} OK connect refused in "))
+        || (c.contains("unreachable") && c.contains(" after "));
+    assert!(prompt, "the connect to {who} must fail at once: {c}");
+    let ms: u64 = c
+        .trim_end_matches(" ms")
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no duration in {c}"));
+    assert!(ms < 2000, "failed promptly: {c}");
 }
 
 fn init_script(peer: &str, s: &Scenario) -> String {
+    let line = if s.eof_after_half_close { "" } else { "line" };
+    let timeout = if s.relays_refusal { "" } else { "3" };
+    let big_udp = 8000;
     let mut init = vm::INIT_HEAD.to_string();
     init += &format!(
         "echo \"MARK wget $(wget -q -O - http://{peer}:8080/blob | sha256sum)\"\n\
-         echo \"MARK $(net_probe tcp-send {peer}:7777 3000000)\"\n\
-         echo \"MARK $(net_probe udp-echo {peer}:7778 20)\"\n"
+         echo \"MARK $(net_probe tcp-send {peer}:7777 3000000 {line})\"\n\
+         echo \"MARK $(net_probe udp-echo {peer}:7778 20)\"\n\
+         echo \"MARK big-udp $(net_probe udp-echo {peer}:7778 5 {big_udp})\"\n\
+         echo \"MARK closed-port $(net_probe connect {peer}:7999 {timeout})\"\n"
     );
     if s.dns {
         init += "echo \"MARK nslookup-small $(nslookup small.example.test 192.168.127.1 2>&1 | tr '\\n' ' ')\"\n\
                  echo \"MARK nslookup-host $(nslookup host.boxlite.internal 192.168.127.1 2>&1 | tr '\\n' ' ')\"\n";
+    }
+    if s.usernet_extras {
+        init += "echo \"MARK $(net_probe dns-tcp 192.168.127.1:53 many.example.test)\"\n\
+                 echo \"MARK alias $(net_probe connect 192.168.127.254:18555)\"\n";
+    }
+    if s.gateway_refused {
+        init += "echo \"MARK gateway $(net_probe connect 192.168.127.1:18555)\"\n";
     }
     init += "httpd -p 80 -h /www\nhttpd -p 81 -h /www\necho \"MARK ready\"\n";
     if s.flood {
@@ -70,7 +125,7 @@ fn boot_and_check_common(
     blob: &[u8],
 ) -> Guest {
     let init = init_script(&ns.peer, scenario);
-    let initrd = vm::build_initramfs(dir, &init, &[("blob", blob.to_vec())]);
+    let initrd = vm::build_initramfs(dir, &init, &[("blob", blob.to_vec())], &[]);
     let mut guest = Guest::boot(dir, &initrd, &config.qemu_args());
 
     let addr = guest.wait_for("MARK addr", BOOT);
@@ -103,7 +158,17 @@ fn boot_and_check_common(
         "guest → peer TCP with half-close: {sent}"
     );
     let udp = guest.wait_for("MARK OK udp-echo", STEP);
-    assert!(udp.contains("20 datagrams echoed"), "{udp}");
+    assert!(udp.contains("20 datagrams of 1000 bytes echoed"), "{udp}");
+    let big = guest.wait_for("MARK big-udp", STEP);
+    if scenario.big_udp {
+        assert!(
+            big.contains("OK udp-echo 5 datagrams of 8000 bytes echoed"),
+            "UDP bigger than the MTU (fragments both ways): {big}"
+        );
+    }
+    if scenario.relays_refusal {
+        check_refused(&mut guest, "closed-port");
+    }
     guest.wait_for("MARK ready", STEP);
     guest
 }
@@ -202,20 +267,24 @@ fn usernet_guest_dhcp_dns_nat_forwards_counters_and_flood() {
 
     let scenario = Scenario {
         dns: true,
+        usernet_extras: true,
         flood: true,
+        eof_after_half_close: true,
+        gateway_refused: true,
+        relays_refusal: true,
+        big_udp: true,
     };
     let blob = blob();
     let mut guest = boot_and_check_common(dir.path(), &config, &ns, &scenario, &blob);
-    let small = guest.wait_for("MARK nslookup-small", STEP);
+    check_dns(&mut guest);
+
+    let tcp_dns = guest.wait_for("MARK OK dns-tcp", STEP);
     assert!(
-        small.contains("198.51.100.200"),
-        "stub upstream via --dns: {small}"
+        tcp_dns.ends_with("answers=60 tc=0 answers=60 tc=0"),
+        "DNS over TCP: all 60 records, two pipelined queries: {tcp_dns}"
     );
-    let host = guest.wait_for("MARK nslookup-host", STEP);
-    assert!(
-        host.contains("192.168.127.254"),
-        "host.boxlite.internal: {host}"
-    );
+    check_refused(&mut guest, "alias");
+    check_refused(&mut guest, "gateway");
 
     check_http(http_port, &blob);
     check_runtime_forward(
@@ -272,18 +341,28 @@ fn libslirp_guest_dhcp_nat_forwards_and_counters() {
     let dir = tempfile::tempdir().unwrap();
     let mut ns = Netns::create();
     ns.start_servers(&www_dir(dir.path()));
+    let (_case_dir, case) = run_case("23", &[]);
+    let stub = StubDns::start(&case.join("zone.json"));
     let mut opts = NetworkOptions::new(NetworkKind::Libslirp, dir.path());
     opts.port_forwards = vec![PortForward::tcp(0, 80)];
+    opts.dns = vec![stub.addr];
     let (net, config) = NetworkHandle::start(opts).unwrap();
     let http_port = config.port_forwards[0].host_port;
     assert_ne!(http_port, 0);
 
     let blob = blob();
     let scenario = Scenario {
-        dns: false,
+        dns: true,
+        usernet_extras: false,
         flood: false,
+        eof_after_half_close: true,
+        gateway_refused: true,
+        relays_refusal: true,
+        big_udp: true,
     };
     let mut guest = boot_and_check_common(dir.path(), &config, &ns, &scenario, &blob);
+    check_dns(&mut guest);
+    check_refused(&mut guest, "gateway");
     check_http(http_port, &blob);
     check_runtime_forward(
         |f| net.add_port_forward(f).unwrap(),
@@ -306,7 +385,14 @@ fn passt_guest_dhcp_nat_forwards_and_counters() {
     let blob = blob();
     let scenario = Scenario {
         dns: false,
+        usernet_extras: false,
         flood: false,
+        eof_after_half_close: false,
+        // passt's --no-map-gw leaves the gateway as an ordinary remote address: connects to it
+        // are not refused, they go unanswered.
+        gateway_refused: false,
+        relays_refusal: false,
+        big_udp: false,
     };
     let mut guest = boot_and_check_common(dir.path(), &config, &ns, &scenario, &blob);
     check_http(http_port, &blob);

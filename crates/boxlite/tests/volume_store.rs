@@ -101,4 +101,49 @@ fn state_survives_reopening_and_stale_folders_are_cleared() {
     assert_check_clean(&home.volume_dir("half").join("volume.qcow2"));
     let names: Vec<_> = vols.list().unwrap().into_iter().map(|v| v.name).collect();
     assert_eq!(names, ["half", "keep"]);
+
+    // The runtime sweeps leases of Boxes that no longer run.
+    vols.acquire("half", "b2", false).unwrap();
+    let released = vols.release_stale(&["b2"]).unwrap();
+    assert_eq!(released, [("keep".to_string(), "b1".to_string())]);
+    assert!(vols.get("keep").unwrap().in_use_by.is_empty());
+    assert_eq!(vols.get("half").unwrap().in_use_by.len(), 1);
+}
+
+#[test]
+fn leaks_from_a_crash_are_repaired_and_corruption_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = Home::open(dir.path()).unwrap();
+    let mut vols = Volumes::open(&home).unwrap();
+    vols.create("crashed", Some(64 << 20), None).unwrap();
+    let path = home.volume_dir("crashed").join("volume.qcow2");
+    make_leak(&path);
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "the leak is real");
+    vols.acquire("crashed", "b", true).unwrap();
+    assert_check_clean(&path);
+    vols.release("crashed", "b").unwrap();
+
+    // Corruption (an L1 entry pointing past the end of the file) is refused, not "repaired".
+    vols.create("broken", Some(64 << 20), None).unwrap();
+    let path = home.volume_dir("broken").join("volume.qcow2");
+    let bytes = std::fs::read(&path).unwrap();
+    let l1 = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    let mut bytes = bytes;
+    let bogus: u64 = (1 << 63) | (1000 * 65536);
+    bytes[l1..l1 + 8].copy_from_slice(&bogus.to_be_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let err = vols.acquire("broken", "b", true).unwrap_err();
+    let mut message = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        message.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    assert!(message.contains("qemu-img check"), "{message}");
+    assert!(vols.get("broken").unwrap().in_use_by.is_empty());
 }

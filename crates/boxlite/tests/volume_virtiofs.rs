@@ -135,8 +135,13 @@ fn single_files_are_shared_alone() {
         "same file, writes visible both ways"
     );
 
-    // Planning again (a restart) replaces the link.
-    plan_share(&host.join("config.toml"), false, &staging).unwrap();
+    // Planning again (a restart) replaces the link; a symlink to the file shares the file.
+    let link = dir.path().join("link-to-config");
+    std::os::unix::fs::symlink(host.join("config.toml"), &link).unwrap();
+    let again = plan_share(&link, false, &staging).unwrap();
+    assert_eq!(again.file.as_deref(), Some("config.toml"));
+    let c = std::fs::symlink_metadata(staging.join("config.toml")).unwrap();
+    assert!(c.is_file() && c.ino() == a.ino());
 
     let socket = dir.path().join("f.sock");
     let daemon = Virtiofsd::spawn(&plan, &ShareOptions::new("file0", &socket)).unwrap();

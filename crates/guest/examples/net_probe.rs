@@ -3,10 +3,15 @@
 //!
 //! ```text
 //! net_probe dhcp MAC [TIMEOUT]        the agent's DHCP client; prints the lease
-//! net_probe udp-echo IP:PORT N        N datagrams, each echoed back byte-exact
-//! net_probe tcp-send IP:PORT BYTES    sends BYTES, half-closes, prints the peer's reply line
+//! net_probe udp-echo IP:PORT N [SIZE] N datagrams of SIZE bytes (1000), each echoed byte-exact
+//! net_probe tcp-send IP:PORT BYTES [line]
+//!                                     sends BYTES, half-closes, prints the peer's reply (read to
+//!                                     EOF, or only its first line with `line`)
 //! net_probe flood-tcp IP:PORT N       N short connections (connect, one line, close)
 //! net_probe flood-udp IP:PORT N       N one-datagram flows from N fresh sockets
+//! net_probe udp-rtt IP:PORT N         N round trips of 64 bytes: p50 and p99 in microseconds
+//! net_probe connect IP:PORT [SECS]    one TCP connect: `connected` or `refused in N ms`
+//! net_probe dns-tcp IP:PORT NAME      an A query over TCP (RFC 7766): answer count and TC bit
 //! ```
 
 #[path = "../src/dhcp.rs"]
@@ -29,10 +34,13 @@ fn main() {
             };
             dhcp::configure(&setup).map(|ip| format!("lease {}", ip.unwrap_or_default()))
         }
-        "udp-echo" => udp_echo(addr(), n(2)),
-        "tcp-send" => tcp_send(addr(), n(2)),
+        "udp-echo" => udp_echo(addr(), n(2), arg(3).parse().unwrap_or(1000)),
+        "tcp-send" => tcp_send(addr(), n(2), arg(3) == "line"),
         "flood-tcp" => flood_tcp(addr(), n(2)),
         "flood-udp" => flood_udp(addr(), n(2)),
+        "connect" => connect(addr(), arg(2).parse().unwrap_or(30)),
+        "udp-rtt" => udp_rtt(addr(), n(2)),
+        "dns-tcp" => dns_tcp(addr(), &arg(2)),
         other => Err(format!("unknown command {other:?}")),
     };
     match result {
@@ -44,23 +52,23 @@ fn main() {
     }
 }
 
-fn udp_echo(to: SocketAddr, n: usize) -> Result<String, String> {
+fn udp_echo(to: SocketAddr, n: usize, size: usize) -> Result<String, String> {
     let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
     s.connect(to).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; 65536];
     for i in 0..n {
-        let msg: Vec<u8> = (0..1000).map(|j| ((i * 7 + j) % 251) as u8).collect();
+        let msg: Vec<u8> = (0..size).map(|j| ((i * 7 + j) % 251) as u8).collect();
         s.send(&msg).map_err(|e| format!("send {i}: {e}"))?;
         let got = s.recv(&mut buf).map_err(|e| format!("reply {i}: {e}"))?;
         if buf[..got] != msg[..] {
             return Err(format!("reply {i} differs"));
         }
     }
-    Ok(format!("{n} datagrams echoed"))
+    Ok(format!("{n} datagrams of {size} bytes echoed"))
 }
 
-fn tcp_send(to: SocketAddr, bytes: usize) -> Result<String, String> {
+fn tcp_send(to: SocketAddr, bytes: usize, line_only: bool) -> Result<String, String> {
     let mut s = TcpStream::connect(to).map_err(|e| e.to_string())?;
     let chunk: Vec<u8> = (0..65536).map(|j| (j % 251) as u8).collect();
     let mut left = bytes;
@@ -70,9 +78,16 @@ fn tcp_send(to: SocketAddr, bytes: usize) -> Result<String, String> {
         left -= k;
     }
     s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).map_err(|e| e.to_string())?;
-    Ok(reply.trim().to_string())
+    let mut reply = Vec::new();
+    if line_only {
+        let mut byte = [0u8; 1];
+        while s.read(&mut byte).map_err(|e| e.to_string())? == 1 && byte[0] != b'\n' {
+            reply.push(byte[0]);
+        }
+    } else {
+        s.read_to_end(&mut reply).map_err(|e| e.to_string())?;
+    }
+    Ok(String::from_utf8_lossy(&reply).trim().to_string())
 }
 
 fn flood_tcp(to: SocketAddr, n: usize) -> Result<String, String> {
@@ -103,4 +118,66 @@ fn flood_udp(to: SocketAddr, n: usize) -> Result<String, String> {
         }
     }
     Ok(format!("{ok}/{n} flows"))
+}
+
+fn connect(to: SocketAddr, secs: u64) -> Result<String, String> {
+    let t = std::time::Instant::now();
+    match TcpStream::connect_timeout(&to, Duration::from_secs(secs)) {
+        Ok(_) => Ok("connected".into()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Ok(format!("refused in {} ms", t.elapsed().as_millis()))
+        }
+        Err(e) => Err(format!("{e} after {} ms", t.elapsed().as_millis())),
+    }
+}
+
+fn dns_tcp(to: SocketAddr, name: &str) -> Result<String, String> {
+    let mut q = vec![0xb0, 0x0c, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let mut s = TcpStream::connect(to).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    // Two queries pipelined on one connection; both answers must come back.
+    framed.extend_from_within(..);
+    s.write_all(&framed).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).map_err(|e| e.to_string())?;
+        let mut r = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut r).map_err(|e| e.to_string())?;
+        if r.len() < 12 || r[..2] != q[..2] {
+            return Err("reply with a foreign ID".into());
+        }
+        let answers = u16::from_be_bytes([r[6], r[7]]);
+        let tc = r[2] & 0x02 != 0;
+        out.push(format!("answers={answers} tc={}", u8::from(tc)));
+    }
+    Ok(out.join(" "))
+}
+
+fn udp_rtt(to: SocketAddr, n: usize) -> Result<String, String> {
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    s.connect(to).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut rtts = Vec::with_capacity(n);
+    let mut buf = [0u8; 128];
+    for i in 0..n {
+        let msg = [i as u8; 64];
+        let t = std::time::Instant::now();
+        s.send(&msg).map_err(|e| e.to_string())?;
+        let got = s.recv(&mut buf).map_err(|e| format!("reply {i}: {e}"))?;
+        if buf[..got] != msg[..] {
+            return Err(format!("reply {i} differs"));
+        }
+        rtts.push(t.elapsed().as_micros());
+    }
+    rtts.sort_unstable();
+    let pct = |p: usize| rtts[(rtts.len() * p / 100).min(rtts.len() - 1)];
+    Ok(format!("p50_us={} p99_us={}", pct(50), pct(99)))
 }

@@ -7,7 +7,6 @@
 //! Everything streams: memory use is a few buffers whatever the blob expands to.
 
 use std::fmt;
-use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 
 use sha2::{Digest as _, Sha256};
@@ -115,7 +114,6 @@ impl fmt::Display for LimitHit {
 impl std::error::Error for LimitHit {}
 
 /// The uncompressed bytes of one layer blob, counted, limited and hashed as they are read.
-/// `Send` (moved to a worker thread whole), not `Sync` (a reader is never shared).
 ///
 /// ```no_run
 /// # use boxlite::images::archive::{Compression, LayerStream};
@@ -127,7 +125,7 @@ impl std::error::Error for LimitHit {}
 /// # Ok(()) }
 /// ```
 pub struct LayerStream {
-    inner: Box<dyn Read + Send>,
+    inner: Box<dyn Read + Send + Sync>,
     digest: Digest,
     compression: Compression,
     hasher: Sha256,
@@ -148,12 +146,12 @@ impl fmt::Debug for LayerStream {
 }
 
 impl LayerStream {
-    /// Opens `blob` (whose digest is `digest`, used in errors) declared as `declared`
+    /// Opens `blob` (a file, or any reader over one; its digest `digest` is used in errors) declared as `declared`
     /// compression. When the blob is declared plain tar but starts with gzip or zstd magic, the
     /// magic wins (docker-save archives do this). Reading fails once more than `limit`
     /// uncompressed bytes came out.
     pub fn open(
-        blob: File,
+        blob: impl Read + Send + Sync + 'static,
         declared: Compression,
         digest: Digest,
         limit: u64,
@@ -170,7 +168,7 @@ impl LayerStream {
             }
             _ => declared,
         };
-        let inner: Box<dyn Read + Send> = match compression {
+        let inner: Box<dyn Read + Send + Sync> = match compression {
             Compression::None => Box::new(buffered),
             Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
             Compression::Zstd => Box::new(
@@ -245,9 +243,21 @@ impl Read for LayerStream {
     }
 }
 
+// Public types cross threads (extraction runs on workers).
+const _: () = {
+    fn check<T: Send + Sync>() {}
+    #[allow(dead_code)]
+    fn all() {
+        check::<LayerStream>();
+        check::<ArchiveError>();
+        check::<Compression>();
+    }
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
     use std::io::Write;
 
     fn digest() -> Digest {

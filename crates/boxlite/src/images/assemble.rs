@@ -5,7 +5,9 @@
 //! Two modes. [`AssembleMode::Link`] hardlinks regular files from the cache (fast; the result is
 //! read by the base-image builder and never written): a cache inode is only ever linked, never
 //! chmod-ed or written through; a replaced name is unlinked first. [`AssembleMode::Copy`] copies
-//! everything, for a tree the user owns (`boxlite image unpack`).
+//! everything, for a tree the user owns (`boxlite image unpack`). A linked tree shares its
+//! inodes, setuid binaries included, with the cache: keep it where only its owner can reach it
+//! (the cache itself is mode 0700), and never write into it.
 //!
 //! The destination is shaped by hostile layers too, so every step acts on one name inside an
 //! open directory without following it. Two things do follow symlinks, always inside the root
@@ -171,6 +173,17 @@ fn assemble_into(
     Ok(stats)
 }
 
+// Public types cross threads.
+const _: () = {
+    fn check<T: Send + Sync>() {}
+    #[allow(dead_code)]
+    fn all() {
+        check::<AssembleMode>();
+        check::<AssembleStats>();
+        check::<AssembleError>();
+    }
+};
+
 /// Applying one layer onto the destination.
 struct LayerApply<'a> {
     diff_id: &'a DiffId,
@@ -309,11 +322,6 @@ impl<'a> LayerApply<'a> {
             }
         }
 
-        if let Some(links) = self.external.get(rel).cloned() {
-            for (name, target) in links {
-                self.external_link(&rel.join(&name), dest, &name, target)?;
-            }
-        }
         if let Some(devices) = self.devices.get(rel).cloned() {
             for (name, dev) in devices {
                 let path = rel.join(&name);
@@ -329,10 +337,19 @@ impl<'a> LayerApply<'a> {
                     mode: dev.mode,
                     uid: dev.uid,
                     gid: dev.gid,
-                    ..Attrs::default()
+                    mtime: dev.mtime,
+                    xattrs: Vec::new(),
                 };
                 self.apply_at(dest, &name, false, &attrs, &path)?;
                 self.stats.special_files += 1;
+            }
+        }
+        // Hardlinks into lower layers last: their targets may be the nodes above. (A target
+        // this layer replaces resolves to the new file, although a tar read in order would link
+        // the old one when the link comes first; no known builder writes that.)
+        if let Some(links) = self.external.get(rel).cloned() {
+            for (name, target) in links {
+                self.external_link(&rel.join(&name), dest, &name, target)?;
             }
         }
         Ok(())
@@ -422,6 +439,7 @@ impl<'a> LayerApply<'a> {
             .ok_or_else(|| self.conflict(path, "vanished from the layer cache".into()))?;
         let attrs = fsops::read_attrs_at(src_parent, name, &st)
             .map_err(self.io("read attributes of", path))?;
+        fsops::drop_unlisted_xattrs(dest_dir, &attrs).map_err(self.io("update", path))?;
         self.apply_fd(dest_dir, &attrs, path)
     }
 
@@ -436,6 +454,7 @@ impl<'a> LayerApply<'a> {
             .map_err(|e| self.io("inspect", path)(fsops::errno_io(e)))?;
         let attrs = fsops::read_attrs_at(src, std::ffi::OsStr::new("."), &st)
             .map_err(self.io("read attributes of", path))?;
+        fsops::drop_unlisted_xattrs(dest, &attrs).map_err(self.io("update", path))?;
         self.apply_fd(dest, &attrs, path)
     }
 
@@ -477,9 +496,9 @@ impl<'a> LayerApply<'a> {
             self.stats.hardlinks += 1;
             return Ok(());
         }
-        let mut from = fsops::open_file_at(src, name).map_err(self.io("open", path))?;
-        let mut to = fsops::create_file_at(dest, name).map_err(self.io("create", path))?;
-        io::copy(&mut from, &mut to).map_err(self.io("copy", path))?;
+        let from = fsops::open_file_at(src, name).map_err(self.io("open", path))?;
+        let to = fsops::create_file_at(dest, name).map_err(self.io("create", path))?;
+        fsops::copy_sparse(&from, &to).map_err(self.io("copy", path))?;
         let attrs =
             fsops::read_attrs_at(src, name, st).map_err(self.io("read attributes of", path))?;
         self.apply_fd(to.as_fd(), &attrs, path)?;

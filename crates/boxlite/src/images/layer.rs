@@ -56,12 +56,16 @@ const AUFS_META_PREFIX: &[u8] = b".wh..wh.";
 pub struct ExtractOptions {
     /// Most members accepted in one layer.
     pub max_entries: u64,
+    /// Most bytes of file content, holes of sparse files included (a sparse member costs
+    /// little to store in the tar but its full size in every copy made later).
+    pub max_content_bytes: u64,
 }
 
 impl Default for ExtractOptions {
     fn default() -> Self {
         ExtractOptions {
             max_entries: 4_000_000,
+            max_content_bytes: 32 << 30,
         }
     }
 }
@@ -88,6 +92,9 @@ pub enum LayerError {
     /// Too many members.
     #[error("layer has more than {limit} members")]
     TooManyEntries { limit: u64 },
+    /// File content (sparse holes included) past the limit.
+    #[error("layer member {member:?} takes the layer's file content past {limit} bytes")]
+    TooLarge { member: String, limit: u64 },
     /// The tar itself is malformed.
     #[error("malformed layer tar")]
     Tar(#[source] TarError),
@@ -137,6 +144,7 @@ pub fn extract_layer<R: Read>(
         parent_cache: None,
         buf: vec![0u8; 256 * 1024],
         devices_warned: false,
+        max_content_bytes: options.max_content_bytes,
     };
     ex.meta.implicit_dirs.insert(RelPath::root());
 
@@ -161,6 +169,18 @@ pub fn extract_layer<R: Read>(
     Ok(ex.meta)
 }
 
+// Public types cross threads.
+const _: () = {
+    fn check<T: Send + Sync>() {}
+    #[allow(dead_code)]
+    fn all() {
+        check::<LayerMeta>();
+        check::<LayerError>();
+        check::<ExtractOptions>();
+        check::<RelPath>();
+    }
+};
+
 struct Extractor {
     root: OwnedFd,
     meta: LayerMeta,
@@ -170,6 +190,7 @@ struct Extractor {
     parent_cache: Option<(RelPath, OwnedFd)>,
     buf: Vec<u8>,
     devices_warned: bool,
+    max_content_bytes: u64,
 }
 
 fn lossy(name: &[u8]) -> String {
@@ -188,52 +209,16 @@ impl Extractor {
             problem,
         })?;
 
-        // Whiteout names are records, never files.
-        if let Some((parent, last)) = path.split_last() {
-            let last = last.as_bytes();
-            if parent
-                .components()
-                .any(|c| c.as_bytes().starts_with(WHITEOUT_PREFIX))
-            {
-                return Err(refused("a whiteout name is used as a directory".into()));
-            }
-            if last.starts_with(AUFS_META_PREFIX) && last != OPAQUE_MARKER {
-                tracing::debug!(member = %shown, "skipping aufs metadata entry");
-                return Ok(());
-            }
-            if let Some(hidden) = last.strip_prefix(WHITEOUT_PREFIX) {
-                // The directory holding a marker exists in this layer's tree (as a placeholder
-                // when undeclared), so assembly visits it. If this layer made it a file or a
-                // symlink, the marker is moot: that member replaces the lower path anyway.
-                match self.parent_dir(&parent, &shown) {
-                    Ok(_) => {}
-                    Err(LayerError::Refused { .. }) => {
-                        tracing::debug!(member = %shown, "whiteout under a non-directory is moot");
-                        return Ok(());
-                    }
-                    Err(e) => return Err(e),
-                }
-                if last == OPAQUE_MARKER {
-                    self.meta.opaque_dirs.insert(parent);
-                    return Ok(());
-                }
-                let target = RelPath::from_member_name(hidden)
-                    .ok()
-                    .filter(|t| t.depth() == 1)
-                    .ok_or_else(|| refused("whiteout of an empty, '.' or '..' name".into()))?;
-                self.meta
-                    .whiteouts
-                    .insert(parent.join(OsStr::from_bytes(target.as_bytes())));
-                return Ok(());
-            }
+        if self.marker(&path, &shown)? {
+            return Ok(());
         }
 
-        let attrs = self.attrs(m, &shown)?;
         let Some((parent, name)) = path.split_last() else {
             // The root itself (`./`): only its attributes can change.
             if m.kind != Kind::Dir {
                 return Err(refused("the layer root must be a directory".into()));
             }
+            let attrs = self.attrs(m, &path, &shown)?;
             self.meta.implicit_dirs.remove(&path);
             self.dirs.insert(path, attrs);
             return Ok(());
@@ -263,29 +248,24 @@ impl Extractor {
             };
         }
 
-        // Whatever is there goes first (a directory stays for a directory): later members win,
-        // and a replaced name is unlinked, never written through.
-        let existing = lstat_at(dir.as_fd(), &name).map_err(io_err("inspect"))?;
-        if let Some(st) = existing {
-            if !(m.kind == Kind::Dir && is_dir(&st)) {
-                if is_dir(&st) {
-                    self.parent_cache = None;
-                    self.dirs.retain(|k, _| !k.starts_with(&path));
-                }
-                remove_at(dir.as_fd(), &name).map_err(io_err("replace"))?;
-                self.meta.forget_below(&path);
-            }
-        }
+        let dir_stays = self.make_room(dir.as_fd(), &name, &path, m.kind, &shown)?;
+        let attrs = self.attrs(m, &path, &shown)?;
 
         match m.kind {
             Kind::Dir => {
-                if !matches!(existing, Some(st) if is_dir(&st)) {
+                if !dir_stays {
                     mkdir_at(dir.as_fd(), &name, 0o700).map_err(io_err("create directory"))?;
                 }
                 self.meta.implicit_dirs.remove(&path);
                 self.dirs.insert(path, attrs);
             }
             Kind::File => {
+                if self.meta.content_bytes.saturating_add(m.size) > self.max_content_bytes {
+                    return Err(LayerError::TooLarge {
+                        member: shown,
+                        limit: self.max_content_bytes,
+                    });
+                }
                 let file = create_file_at(dir.as_fd(), &name).map_err(io_err("create"))?;
                 let written = self.write_content(&file, reader, &shown)?;
                 self.meta.content_bytes += written;
@@ -318,7 +298,100 @@ impl Extractor {
         Ok(())
     }
 
-    fn attrs(&self, m: &Member, shown: &str) -> Result<Attrs, LayerError> {
+    /// Whiteout and opaque markers become records, never files (`true`: `path` was one).
+    fn marker(&mut self, path: &RelPath, shown: &str) -> Result<bool, LayerError> {
+        let Some((parent, last)) = path.split_last() else {
+            return Ok(false);
+        };
+        let last = last.as_bytes();
+        if parent
+            .components()
+            .any(|c| c.as_bytes().starts_with(WHITEOUT_PREFIX))
+        {
+            return Err(self.refused(shown, "a whiteout name is used as a directory".into()));
+        }
+        if last.starts_with(AUFS_META_PREFIX) && last != OPAQUE_MARKER {
+            tracing::debug!(member = %shown, "skipping aufs metadata entry");
+            return Ok(true);
+        }
+        if let Some(hidden) = last.strip_prefix(WHITEOUT_PREFIX) {
+            // The directory holding a marker exists in this layer's tree (as a placeholder
+            // when undeclared), so assembly visits it. If this layer made it a file or a
+            // symlink, the marker is moot: that member replaces the lower path anyway.
+            match self.parent_dir(&parent, shown) {
+                Ok(_) => {}
+                Err(LayerError::Refused { .. }) => {
+                    tracing::debug!(member = %shown, "whiteout under a non-directory is moot");
+                    return Ok(true);
+                }
+                Err(e) => return Err(e),
+            }
+            if last == OPAQUE_MARKER {
+                self.meta.opaque_dirs.insert(parent);
+                return Ok(true);
+            }
+            let target = RelPath::from_member_name(hidden)
+                .ok()
+                .filter(|t| t.depth() == 1)
+                .ok_or_else(|| {
+                    self.refused(shown, "whiteout of an empty, '.' or '..' name".into())
+                })?;
+            self.meta
+                .whiteouts
+                .insert(parent.join(OsStr::from_bytes(target.as_bytes())));
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn refused(&self, shown: &str, reason: String) -> LayerError {
+        LayerError::Refused {
+            member: shown.to_string(),
+            reason,
+        }
+    }
+
+    /// Makes room for a member at `path` (`name` in `dir`): whatever is there goes (a
+    /// directory stays for a directory), unlinked, never written through, together with the
+    /// records about it (a hardlink into a lower layer, a skipped device). Returns whether a
+    /// directory stays.
+    fn make_room(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        path: &RelPath,
+        kind: Kind,
+        shown: &str,
+    ) -> Result<bool, LayerError> {
+        let io_err = |source| LayerError::Io {
+            op: "replace",
+            member: shown.to_string(),
+            source,
+        };
+        let existing = lstat_at(dir, name).map_err(io_err)?;
+        if kind == Kind::Dir && existing.as_ref().is_some_and(is_dir) {
+            return Ok(true);
+        }
+        if let Some(st) = existing {
+            if is_dir(&st) {
+                self.parent_cache = None;
+                self.dirs.remove(path);
+                let below: Vec<RelPath> = self
+                    .dirs
+                    .range(path.below())
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in below {
+                    self.dirs.remove(&k);
+                }
+            }
+            remove_at(dir, name).map_err(io_err)?;
+        }
+        self.meta.forget_below(path);
+        Ok(false)
+    }
+
+    fn attrs(&mut self, m: &Member, path: &RelPath, shown: &str) -> Result<Attrs, LayerError> {
         let id = |v: u64, what: &str| {
             u32::try_from(v).map_err(|_| LayerError::Refused {
                 member: shown.to_string(),
@@ -330,12 +403,26 @@ impl Extractor {
             uid: id(m.uid, "uid")?,
             gid: id(m.gid, "gid")?,
             mtime: m.mtime,
-            xattrs: m
-                .xattrs
-                .iter()
-                .map(|(k, v)| (OsString::from_vec(k.clone()), v.clone()))
-                .collect(),
+            xattrs: self.allowed_xattrs(m, path),
         })
+    }
+
+    /// The member's xattrs minus overlayfs' own (`trusted.overlay.*`, `user.overlay.*`): in
+    /// a lower layer they would steer the guest's overlay mount (opaque, redirect, metacopy),
+    /// so they are recorded as skipped instead.
+    fn allowed_xattrs(&mut self, m: &Member, path: &RelPath) -> Vec<(OsString, Vec<u8>)> {
+        let mut allowed = Vec::new();
+        let mut refused = Vec::new();
+        for (name, value) in &m.xattrs {
+            let name_os = OsString::from_vec(name.clone());
+            if name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.") {
+                refused.push((name_os, value.clone(), "reserved for overlayfs".to_string()));
+            } else {
+                allowed.push((name_os, value.clone()));
+            }
+        }
+        self.meta.record_xattr_failures(path, refused);
+        allowed
     }
 
     /// Opens (creating as needed) the directory `parent`, one component at a time, refusing
@@ -508,6 +595,7 @@ impl Extractor {
                         mode: attrs.mode,
                         uid: attrs.uid,
                         gid: attrs.gid,
+                        mtime: attrs.mtime,
                     },
                 );
                 return Ok(());
@@ -568,10 +656,19 @@ impl Extractor {
                     break;
                 }
             }
-            let below = |k: &RelPath| k.starts_with(path) && k != path;
             if !has_content
-                && !self.meta.external_hardlinks.keys().any(below)
-                && !self.meta.skipped_devices.keys().any(below)
+                && self
+                    .meta
+                    .external_hardlinks
+                    .range(path.below())
+                    .next()
+                    .is_none()
+                && self
+                    .meta
+                    .skipped_devices
+                    .range(path.below())
+                    .next()
+                    .is_none()
             {
                 self.meta.marker_dirs.insert(path.clone());
             } else {
@@ -597,6 +694,7 @@ impl Extractor {
                 fd = open_dir_at(fd.as_fd(), comp).map_err(io_err)?;
             }
             let mut short = Shortfall::default();
+            fsops::drop_unlisted_xattrs(fd.as_fd(), attrs).map_err(io_err)?;
             apply_attrs_fd(fd.as_fd(), attrs, &mut short).map_err(io_err)?;
             self.record(path, short);
         }

@@ -12,12 +12,44 @@
 //! then renamed into place in one step: a layer directory exists complete or not at all. When
 //! two processes race, the second rename fails and the loser throws its copy away. A layer
 //! already present is never extracted again.
+//!
+//! Known shortcoming: a layer extracted without privileges keeps the extracting user as owner
+//! of its files (only the count of lost owners is in `layer.json`; device nodes and refused
+//! xattrs are recorded in full and applied by a later privileged assembly). Root reusing that
+//! home later gets those owners too; the layer is not re-extracted.
+//!
+//! The blob's own (compressed) digest is the blob store's to verify; this module checks the
+//! uncompressed content against the diff_id.
+//!
+//! ```no_run
+//! use boxlite::home::Home;
+//! use boxlite::images::assemble::{assemble, AssembleMode};
+//! use boxlite::images::digest::Digest;
+//! use boxlite::images::storage::{ImageStorage, LayerBlob, Limits};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let home = Home::from_env()?;
+//! let storage = ImageStorage::new(&home);
+//! let digest: Digest = "sha256:9a15c322897b58d07ccb26a604a2d9d394ffe6cdb7f8dede294de39c151adb14".parse()?;
+//! let diff_id: Digest = "sha256:b48c0048a6d6c926b404f12ea331bdff3b85a9fd063ee187b341bcc88426de57".parse()?;
+//! let path = home.blobs_dir().join(digest.hex());
+//! let blob = LayerBlob {
+//!     path: &path,
+//!     media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+//!     digest: &digest,
+//! };
+//! let info = storage.ensure_layer(&blob, &diff_id, &Limits::default())?;
+//! println!("extracted now: {}", info.extracted);
+//! // Once every layer of the image is in: the rootfs, bottom layer first.
+//! assemble(&storage, &[diff_id], std::path::Path::new("/tmp/rootfs"), AssembleMode::Copy)?;
+//! # Ok(()) }
+//! ```
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::home::Home;
@@ -35,7 +67,8 @@ const STAGING_PREFIX: &str = "layer-";
 /// Bounds on what one layer may expand to.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Most uncompressed bytes (the tar stream) one layer may have.
+    /// Most uncompressed bytes (the tar stream) one layer may have; also the most file content
+    /// it may expand to (sparse files' holes count).
     pub max_uncompressed_bytes: u64,
     /// Most tar members one layer may have.
     pub max_entries: u64,
@@ -62,6 +95,16 @@ pub struct LayerBlob<'a> {
     pub digest: &'a Digest,
 }
 
+/// How far an extraction got, for progress displays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtractProgress {
+    /// Blob bytes read so far, out of `blob_bytes`.
+    pub blob_read: u64,
+    pub blob_bytes: u64,
+    /// Uncompressed tar bytes so far.
+    pub uncompressed: u64,
+}
+
 /// A layer in the cache.
 #[derive(Debug, Clone)]
 pub struct LayerInfo {
@@ -86,6 +129,16 @@ pub enum StorageError {
         diff_id: DiffId,
         #[source]
         source: LayerError,
+    },
+    #[error(
+        "layer {digest}: member {member:?} would expand it past the limit of {limit} bytes \
+         ({limit_mib} MiB); refusing it (decompression bomb?)"
+    )]
+    TooLarge {
+        digest: Digest,
+        member: String,
+        limit: u64,
+        limit_mib: u64,
     },
     #[error(
         "layer {digest}: its uncompressed content has diff_id {actual}, but the image config \
@@ -181,6 +234,18 @@ impl ImageStorage {
         expected: &DiffId,
         limits: &Limits,
     ) -> Result<LayerInfo, StorageError> {
+        self.ensure_layer_with_progress(blob, expected, limits, &|_| {})
+    }
+
+    /// [`ImageStorage::ensure_layer`], calling `progress` about every 4 MiB of uncompressed
+    /// data (and once at the end) while it extracts.
+    pub fn ensure_layer_with_progress(
+        &self,
+        blob: &LayerBlob<'_>,
+        expected: &DiffId,
+        limits: &Limits,
+        progress: &dyn Fn(ExtractProgress),
+    ) -> Result<LayerInfo, StorageError> {
         let dir = self.layer_dir(expected);
         if self.has_layer(expected) {
             tracing::debug!(diff_id = %expected, "layer already extracted");
@@ -198,7 +263,15 @@ impl ImageStorage {
         })?;
 
         let staging = Staging::create(&self.tmp_dir, expected)?;
-        let size = self.extract_into(&staging.path, file, compression, blob, expected, limits)?;
+        let size = self.extract_into(
+            &staging.path,
+            file,
+            compression,
+            blob,
+            expected,
+            limits,
+            progress,
+        )?;
 
         fs::create_dir_all(&self.layers_dir).map_err(io_err("create", &self.layers_dir))?;
         let committed = staging.commit(&dir)?;
@@ -216,6 +289,7 @@ impl ImageStorage {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn extract_into(
         &self,
         staging: &Path,
@@ -224,23 +298,46 @@ impl ImageStorage {
         blob: &LayerBlob<'_>,
         expected: &DiffId,
         limits: &Limits,
+        progress: &dyn Fn(ExtractProgress),
     ) -> Result<u64, StorageError> {
+        let blob_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let blob_read = Arc::new(AtomicU64::new(0));
+        let counted = CountingReader {
+            inner: file,
+            count: Arc::clone(&blob_read),
+        };
         let mut stream = LayerStream::open(
-            file,
+            counted,
             compression,
             blob.digest.clone(),
             limits.max_uncompressed_bytes,
         )?;
         let options = ExtractOptions {
             max_entries: limits.max_entries,
+            max_content_bytes: limits.max_uncompressed_bytes,
         };
         let root = staging.join(ROOT_DIR);
-        let extracted = layer::extract_layer(&mut stream, &root, &options);
+        let mut reporting = ProgressReader {
+            inner: &mut stream,
+            blob_read: &blob_read,
+            blob_bytes,
+            next_report: PROGRESS_STEP,
+            progress,
+        };
+        let extracted = layer::extract_layer(&mut reporting, &root, &options);
         let meta = match extracted {
             Ok(meta) => meta,
             Err(source) => {
                 if let Some(limit) = stream.limit_error() {
                     return Err(limit.into());
+                }
+                if let LayerError::TooLarge { member, limit } = source {
+                    return Err(StorageError::TooLarge {
+                        digest: blob.digest.clone(),
+                        member,
+                        limit,
+                        limit_mib: limit >> 20,
+                    });
                 }
                 return Err(StorageError::Extract {
                     digest: blob.digest.clone(),
@@ -259,6 +356,11 @@ impl ImageStorage {
                 .into(),
             });
         }
+        progress(ExtractProgress {
+            blob_read: blob_read.load(Ordering::Relaxed),
+            blob_bytes,
+            uncompressed: stream.count(),
+        });
         let (actual, size) = stream.finish();
         if &actual != expected {
             return Err(StorageError::DiffIdMismatch {
@@ -279,6 +381,8 @@ impl ImageStorage {
     }
 
     /// Removes a layer from the cache (moved aside first, so it never looks half-present).
+    /// The caller makes sure no image still using it is being assembled; trees already
+    /// assembled in `Link` mode keep their inodes.
     pub fn remove_layer(&self, diff_id: &DiffId) -> Result<(), StorageError> {
         let dir = self.layer_dir(diff_id);
         let aside = self
@@ -341,6 +445,48 @@ impl ImageStorage {
     }
 }
 
+/// Uncompressed bytes between progress reports.
+const PROGRESS_STEP: u64 = 4 << 20;
+
+/// Counts the bytes read from the blob file.
+struct CountingReader {
+    inner: File,
+    count: Arc<AtomicU64>,
+}
+
+impl Read for CountingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Calls the progress callback as the uncompressed stream goes by.
+struct ProgressReader<'a> {
+    inner: &'a mut LayerStream,
+    blob_read: &'a AtomicU64,
+    blob_bytes: u64,
+    next_report: u64,
+    progress: &'a dyn Fn(ExtractProgress),
+}
+
+impl Read for ProgressReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let uncompressed = self.inner.count();
+        if uncompressed >= self.next_report {
+            self.next_report = uncompressed + PROGRESS_STEP;
+            (self.progress)(ExtractProgress {
+                blob_read: self.blob_read.load(Ordering::Relaxed),
+                blob_bytes: self.blob_bytes,
+                uncompressed,
+            });
+        }
+        Ok(n)
+    }
+}
+
 /// A staging directory that removes itself unless committed.
 struct Staging {
     path: PathBuf,
@@ -396,6 +542,18 @@ impl Staging {
                     tracing::warn!(path = %dest.display(), "removing an incomplete layer directory");
                     fsops::remove_tree(dest).map_err(io_err("remove", dest))?;
                 }
+                Err(nix::errno::Errno::EINVAL) => {
+                    // No RENAME_NOREPLACE here (some network filesystems): a plain rename
+                    // still refuses a non-empty destination, and a complete layer never is.
+                    match fs::rename(&self.path, dest) {
+                        Ok(()) => {
+                            self.done = true;
+                            return Ok(true);
+                        }
+                        Err(_) if dest.join(META_FILE).is_file() => return Ok(false),
+                        Err(e) => return Err(io_err("commit", dest)(e)),
+                    }
+                }
                 Err(e) => return Err(io_err("commit", dest)(fsops::errno_io(e))),
             }
         }
@@ -435,3 +593,72 @@ const _: () = {
         check::<Limits>();
     }
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_with_one_file() -> Vec<u8> {
+        let mut header = tar::Header::new_ustar();
+        header.set_path("hello").unwrap();
+        header.set_size(3);
+        header.set_mode(0o644);
+        header.set_cksum();
+        let mut out = header.as_bytes().to_vec();
+        out.extend_from_slice(b"hi\n");
+        out.resize(out.len() + 509 + 1024, 0);
+        out
+    }
+
+    #[test]
+    fn stale_staging_from_dead_processes_is_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = Home::open(tmp.path()).unwrap();
+        let storage = ImageStorage::new(&home);
+        let hex = "0".repeat(64);
+        let dead = home.tmp_dir().join(format!("layer-{hex}-999999999-1"));
+        let alive = home
+            .tmp_dir()
+            .join(format!("layer-{hex}-{}-1", std::process::id()));
+        let other = home.tmp_dir().join("something-else");
+        for d in [&dead, &alive, &other] {
+            fs::create_dir_all(d.join("root/x")).unwrap();
+        }
+        assert_eq!(storage.clean_stale_staging().unwrap(), 1);
+        assert!(!dead.exists() && alive.exists() && other.exists());
+    }
+
+    #[test]
+    fn an_incomplete_layer_directory_is_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = Home::open(tmp.path()).unwrap();
+        let storage = ImageStorage::new(&home);
+        let tar = tar_with_one_file();
+        let diff_id = Digest::of(&tar);
+        // Left by something that is not us (no layer.json): not a layer.
+        fs::create_dir_all(storage.layer_root(&diff_id).join("junk")).unwrap();
+        assert!(!storage.has_layer(&diff_id));
+        let path = tmp.path().join("blob");
+        fs::write(&path, &tar).unwrap();
+        let blob = LayerBlob {
+            path: &path,
+            media_type: "application/vnd.oci.image.layer.v1.tar",
+            digest: &diff_id,
+        };
+        let info = storage
+            .ensure_layer(&blob, &diff_id, &Limits::default())
+            .unwrap();
+        assert!(info.extracted);
+        assert!(storage.layer_root(&diff_id).join("hello").is_file());
+        assert!(!storage.layer_root(&diff_id).join("junk").exists());
+        assert_eq!(
+            storage.list_layers().unwrap(),
+            std::slice::from_ref(&diff_id)
+        );
+
+        storage.remove_layer(&diff_id).unwrap();
+        assert!(!storage.has_layer(&diff_id));
+        assert_eq!(fs::read_dir(home.tmp_dir()).unwrap().count(), 0);
+        assert!(storage.list_layers().unwrap().is_empty());
+    }
+}

@@ -12,12 +12,17 @@
 //! 192.168.127.1, DHCP from 192.168.127.2. libslirp can map only its gateway address to the
 //! host's loopback, so `allow_host` here means "the gateway reaches the host's loopback"; without
 //! it the mapping is disabled (`disable_host_loopback`). The host alias 192.168.127.254 does not
-//! exist in this backend, and the DNS override is not supported (libslirp reads the host's
-//! resolv.conf itself).
+//! exist in this backend.
+//!
+//! DNS: without an override libslirp forwards queries to the host's resolv.conf itself. With a
+//! `--dns` override, libslirp's DNS is disabled and UDP queries to 192.168.127.1:53 are taken
+//! out of the frame stream before libslirp sees them and answered by usernet's forwarder (same
+//! upstream choice, EDNS-aware truncation, `host.boxlite.internal`); DNS over TCP is then not
+//! served (libslirp has no hook for it), so resolvers get TC answers they cannot retry.
 
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -215,12 +220,6 @@ impl NetworkBackend for Libslirp {
         if self.running.lock().expect("libslirp handle lock").is_some() {
             return Err(NetworkError::AlreadyRunning(NetworkKind::Libslirp));
         }
-        if !self.options.dns.is_empty() {
-            return Err(NetworkError::Unsupported {
-                backend: NetworkKind::Libslirp,
-                what: "a DNS override (libslirp forwards to the host's resolv.conf)".into(),
-            });
-        }
         let path = self.options.socket_path()?;
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).map_err(|source| NetworkError::BindSocket {
@@ -248,6 +247,7 @@ impl NetworkBackend for Libslirp {
             forwards: self.options.port_forwards.clone(),
             counters: self.counters.clone(),
             forward_list: self.forwards.clone(),
+            dns_override: self.options.dns.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("libslirp".into())
@@ -336,6 +336,41 @@ struct LoopSetup {
     forwards: Vec<PortForward>,
     counters: Arc<Counters>,
     forward_list: Arc<Mutex<Vec<PortForward>>>,
+    /// Upstream resolvers of the DNS override; empty: libslirp's own DNS.
+    dns_override: Vec<SocketAddr>,
+}
+
+/// A DNS answer computed off the loop thread, to be framed toward the guest.
+struct DnsAnswer {
+    guest_mac: [u8; 6],
+    guest: SocketAddrV4,
+    reply: Vec<u8>,
+}
+
+/// A UDP query from the guest to 192.168.127.1:53: (guest MAC, guest endpoint, query).
+fn dns_query(frame: &[u8]) -> Option<([u8; 6], SocketAddrV4, Vec<u8>)> {
+    use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, UdpPacket};
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    if ip.dst_addr() != Topology::GATEWAY
+        || ip.next_header() != IpProtocol::Udp
+        || ip.more_frags()
+        || ip.frag_offset() != 0
+    {
+        return None;
+    }
+    let udp = UdpPacket::new_checked(ip.payload()).ok()?;
+    if udp.dst_port() != 53 {
+        return None;
+    }
+    Some((
+        eth.src_addr().0,
+        SocketAddrV4::new(ip.src_addr(), udp.src_port()),
+        udp.payload().to_vec(),
+    ))
 }
 
 /// A libslirp timer: either an id for `slirp_handle_timer` or a plain callback.
@@ -540,6 +575,36 @@ fn add_hostfwd(slirp: *mut ffi::Slirp, f: PortForward) -> Result<PortForward> {
     Ok(f)
 }
 
+/// Answers one intercepted DNS query on a worker thread; the loop frames the reply. False if
+/// no thread could be started (the query is dropped; the guest retries).
+fn spawn_dns(
+    setup: &LoopSetup,
+    tx: &Sender<DnsAnswer>,
+    guest_mac: [u8; 6],
+    guest: SocketAddrV4,
+    query: Vec<u8>,
+) -> bool {
+    let upstreams = setup.dns_override.clone();
+    let tx = tx.clone();
+    let wake_fd = setup.wake.clone();
+    let spawned = std::thread::Builder::new()
+        .name("libslirp-dns".into())
+        .spawn(move || {
+            use crate::net::usernet::dns;
+            let reply = dns::answer(&query, &upstreams, dns::Transport::Udp).unwrap_or_default();
+            let _ = tx.send(DnsAnswer {
+                guest_mac,
+                guest,
+                reply,
+            });
+            wake(&wake_fd);
+        });
+    if let Err(e) = &spawned {
+        warn!(error = %e, "cannot start a DNS worker");
+    }
+    spawned.is_ok()
+}
+
 fn run(setup: LoopSetup, commands: Receiver<Command>, ready: Sender<Result<()>>) {
     let hostname = CString::new(setup.hostname.clone().unwrap_or_default()).unwrap_or_default();
     let domain = CString::new(Topology::DOMAIN).expect("no NUL in the domain");
@@ -575,7 +640,7 @@ fn run(setup: LoopSetup, commands: Receiver<Command>, ready: Sender<Result<()>>)
         enable_emu: false,
         outbound_addr: std::ptr::null(),
         outbound_addr6: std::ptr::null(),
-        disable_dns: false,
+        disable_dns: !setup.dns_override.is_empty(),
         disable_dhcp: false,
     };
     let callbacks = ffi::SlirpCb {
@@ -626,6 +691,8 @@ fn run(setup: LoopSetup, commands: Receiver<Command>, ready: Sender<Result<()>>)
 
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 65536];
+    let (dns_tx, dns_rx) = mpsc::channel::<DnsAnswer>();
+    let mut dns_in_flight = 0usize;
     'outer: loop {
         // Our own descriptors first: QEMU (or the listener), then the wake eventfd.
         st.pollfds.clear();
@@ -696,6 +763,16 @@ fn run(setup: LoopSetup, commands: Receiver<Command>, ready: Sender<Result<()>>)
                                 .counters
                                 .tx_bytes
                                 .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                            if !setup.dns_override.is_empty() {
+                                if let Some((mac, guest, query)) = dns_query(&frame) {
+                                    if dns_in_flight < 64
+                                        && spawn_dns(&setup, &dns_tx, mac, guest, query)
+                                    {
+                                        dns_in_flight += 1;
+                                    }
+                                    continue;
+                                }
+                            }
                             // SAFETY: frame is a valid buffer of its length.
                             unsafe {
                                 ffi::slirp_input(slirp, frame.as_ptr(), frame.len() as c_int)
@@ -729,6 +806,22 @@ fn run(setup: LoopSetup, commands: Receiver<Command>, ready: Sender<Result<()>>)
                 // SAFETY: slirp is live; id and cb_opaque are what it gave timer_new_opaque.
                 None => unsafe { ffi::slirp_handle_timer(slirp, id, cb_opaque) },
             }
+        }
+
+        while let Ok(answer) = dns_rx.try_recv() {
+            dns_in_flight -= 1;
+            if answer.reply.is_empty() {
+                continue; // not even a DNS header: nothing to answer
+            }
+            let frame = crate::net::usernet::packet::udp_frame(
+                Topology::GATEWAY_MAC,
+                answer.guest_mac,
+                SocketAddrV4::new(Topology::GATEWAY, 53),
+                answer.guest,
+                &answer.reply,
+            );
+            // SAFETY: the same call libslirp makes; `opaque` is our live CbState.
+            unsafe { cb_send_packet(frame.as_ptr().cast(), frame.len(), opaque) };
         }
 
         while let Ok(cmd) = commands.try_recv() {

@@ -52,6 +52,9 @@ pub enum NetworkError {
     /// a string is not a valid port forward
     #[error("invalid port forward {spec:?}: {reason}")]
     BadPortForward { spec: String, reason: String },
+    /// a `--dns` value is not an address
+    #[error("invalid DNS server {0:?} (expected IP or IP:PORT)")]
+    BadDnsServer(String),
     /// a string is not a valid network kind
     #[error("unknown network backend {0:?} (expected usernet, libslirp, passt or none)")]
     BadKind(String),
@@ -510,10 +513,8 @@ pub fn parse_dns_server(s: &str) -> Result<SocketAddr> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, 53));
     }
-    s.parse().map_err(|_| NetworkError::BadPortForward {
-        spec: s.to_string(),
-        reason: "not a DNS server address (IP or IP:PORT)".into(),
-    })
+    s.parse()
+        .map_err(|_| NetworkError::BadDnsServer(s.to_string()))
 }
 
 #[cfg(test)]
@@ -532,6 +533,47 @@ mod tests {
         for bad in ["80", "a:80", "1:2/sctp", "1:0", "x:1:2", "70000:1"] {
             assert!(bad.parse::<PortForward>().is_err(), "{bad} must not parse");
         }
+    }
+
+    #[test]
+    fn none_backend_has_no_nic() {
+        let opts = NetworkOptions::new(NetworkKind::None, "/nonexistent");
+        let (net, config) = NetworkHandle::start(opts).unwrap();
+        assert_eq!(config.socket_path, None);
+        assert!(config.qemu_args().is_empty(), "the shim adds no netdev");
+        assert!(net.add_port_forward(PortForward::tcp(0, 80)).is_err());
+        assert_eq!(net.metrics(), NetworkMetrics::default());
+        net.stop().unwrap();
+    }
+
+    #[test]
+    fn socket_paths_must_fit_sun_path() {
+        let deep = "/d".repeat(60);
+        let opts = NetworkOptions::new(NetworkKind::Usernet, deep);
+        assert!(matches!(
+            opts.socket_path(),
+            Err(NetworkError::SocketPathTooLong { .. })
+        ));
+        let c = NetworkConfig {
+            kind: NetworkKind::Usernet,
+            socket_path: Some("/run/b/net.sock".into()),
+            guest_mac: "52:54:00:12:34:56".into(),
+            guest_ip: Topology::GUEST,
+            gateway: Topology::GATEWAY,
+            prefix_len: 24,
+            dns: vec![],
+            mtu: 1500,
+            port_forwards: vec![],
+        };
+        assert_eq!(
+            c.qemu_args(),
+            [
+                "-netdev",
+                "stream,id=net0,server=off,addr.type=unix,addr.path=/run/b/net.sock",
+                "-device",
+                "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56"
+            ]
+        );
     }
 
     #[test]

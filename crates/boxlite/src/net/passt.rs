@@ -160,6 +160,10 @@ impl NetworkBackend for Passt {
         if !self.options.allow_host {
             cmd.arg("--no-map-gw");
         }
+        // Debugging aid: passt writes the guest's traffic to this pcap file (as `nobody`).
+        if let Some(pcap) = std::env::var_os("BOXLITE_PASST_PCAP") {
+            cmd.arg("--pcap").arg(pcap);
+        }
         for f in &forwards {
             let flag = match f.protocol {
                 Protocol::Tcp => "-t",

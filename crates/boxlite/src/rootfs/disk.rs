@@ -194,6 +194,14 @@ impl BoxDisk {
         qcow2::grow(&self.path, size).map_err(self.wrap())
     }
 
+    /// Readies the disk of a Box about to start: refuses a corrupt image and repairs leaked
+    /// clusters a crash may have left (see [`qcow2::check_and_repair_leaks`]).
+    pub fn prepare_boot(&self) -> Result<()> {
+        qcow2::check_and_repair_leaks(&self.path)
+            .map(drop)
+            .map_err(self.wrap())
+    }
+
     /// Takes snapshot `name` of a stopped Box's disk.
     pub fn snapshot_create(&self, name: &str) -> Result<()> {
         qcow2::snapshot_create(&self.path, name).map_err(self.wrap())
@@ -258,8 +266,11 @@ impl BoxDisk {
             copy_own_writes(&self.path, &target).map_err(new_wrap)?;
         } else {
             let layer = self.freeze(home)?;
-            qcow2::create_overlay(&target, &layer, ImageFormat::Qcow2, Some(size))
-                .map_err(new_wrap)?;
+            if let Err(e) = qcow2::create_overlay(&target, &layer, ImageFormat::Qcow2, Some(size)) {
+                // Nothing uses the layer yet: undo the freeze.
+                let _ = std::fs::remove_file(&layer);
+                return Err(new_wrap(e));
+            }
             self.replace_with_overlay(&layer, size)?;
         }
         let clone = BoxDisk {

@@ -208,6 +208,38 @@ pub fn check(path: &Path) -> Result<CheckReport> {
     qemu_img::check(path).map_err(tool_err("check", path))
 }
 
+/// Checks an image before a VM opens it: corruption is refused, leaked clusters (what a crash
+/// between allocating a cluster and referencing it leaves: wasted space, no harm to data) are
+/// repaired with `qemu-img check -r leaks`. Returns the report after any repair.
+pub fn check_and_repair_leaks(path: &Path) -> Result<CheckReport> {
+    let report = check(path)?;
+    if report.check_errors > 0 || report.corruptions > 0 {
+        return Err(Qcow2Error::CheckFailed {
+            path: path.to_path_buf(),
+            op: "the last use",
+            errors: report.check_errors,
+            corruptions: report.corruptions,
+            leaks: report.leaks,
+        });
+    }
+    if report.leaks == 0 {
+        return Ok(report);
+    }
+    tracing::warn!(path = %path.display(), leaks = report.leaks, "repairing leaked clusters");
+    qemu_img::qemu_img(&[
+        "check".as_ref(),
+        "-q".as_ref(),
+        "-r".as_ref(),
+        "leaks".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        path.as_os_str(),
+    ])
+    .map_err(tool_err("repair", path))?;
+    settle(path, "repairing leaks")?;
+    check(path)
+}
+
 /// Grows the virtual size of `path` to `size` bytes. Equal is a no-op; smaller is refused.
 pub fn grow(path: &Path, size: u64) -> Result<()> {
     verify_chain(path, ImageFormat::Qcow2)?;

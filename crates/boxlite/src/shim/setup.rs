@@ -7,6 +7,7 @@ use tracing::warn;
 
 use crate::home::Home;
 use crate::net::{parse_dns_server, NetworkConfig, NetworkHandle, NetworkKind, NetworkOptions};
+use crate::rootfs::disk::BoxDisk;
 use crate::runtime::paths::BoxPaths;
 use crate::runtime::record::BoxRecord;
 use crate::vmm::accel::Accel;
@@ -61,6 +62,8 @@ pub fn prepare(
     assets: GuestAssets,
 ) -> Result<Prepared, String> {
     let config = &record.config;
+    let disk = BoxDisk::open(home, &record.id).map_err(|e| format!("root disk: {e}"))?;
+    disk.prepare_boot().map_err(|e| format!("root disk: {e}"))?;
     let (network, network_config) = start_network(record, paths)?;
     let mut vm = VmSpec {
         cpus: config.cpus,
@@ -72,7 +75,7 @@ pub fn prepare(
         vmm_log: Some(paths.vmm_log()),
         agent_socket: Some(paths.agent_socket()),
         disks: vec![DiskSpec {
-            path: paths.disk(),
+            path: disk.path().to_path_buf(),
             format: "qcow2".into(),
             serial: "root".into(),
             readonly: false,

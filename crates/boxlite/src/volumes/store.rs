@@ -373,7 +373,8 @@ impl Volumes {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         row(&tx, name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
         let mode = |rw| if rw { "read-write" } else { "read-only" };
-        for h in holders(&tx, name)? {
+        let current = holders(&tx, name)?;
+        for h in current.clone() {
             if h.box_id == box_id && h.read_write == read_write {
                 continue;
             }
@@ -390,9 +391,14 @@ impl Volumes {
         if read_write {
             refuse_if_backing(&tx, name, "it can only be attached read-only")?;
         }
-        // The chain must be safe to hand to QEMU.
+        // The chain must be safe to hand to QEMU; a volume nobody holds is also checked and
+        // cleared of leaks a crash left (with holders, a VM has it open and it was checked).
         let path = self.home.volume_dir(name).join(VOLUME_FILE);
-        qcow2::verify_chain(&path, ImageFormat::Qcow2).map_err(disk_err(name))?;
+        if current.is_empty() {
+            qcow2::check_and_repair_leaks(&path).map_err(disk_err(name))?;
+        } else {
+            qcow2::verify_chain(&path, ImageFormat::Qcow2).map_err(disk_err(name))?;
+        }
         tx.execute(
             "INSERT OR IGNORE INTO volume_leases (volume, box_id, read_write, acquired_at)
              VALUES (?1, ?2, ?3, ?4)",
@@ -415,6 +421,33 @@ impl Volumes {
             params![name, box_id],
         )?;
         Ok(())
+    }
+
+    /// Ends the holds of every Box not in `live_boxes` (Boxes that were removed, or whose shim
+    /// died without releasing). Returns the `(volume, box id)` pairs released.
+    pub fn release_stale(&mut self, live_boxes: &[&str]) -> Result<Vec<(String, String)>> {
+        let tx = self
+            .db
+            .conn_mut()
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let all: Vec<(String, String)> = {
+            let mut stmt = tx.prepare("SELECT volume, box_id FROM volume_leases")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let stale: Vec<(String, String)> = all
+            .into_iter()
+            .filter(|(_, b)| !live_boxes.contains(&b.as_str()))
+            .collect();
+        for (volume, box_id) in &stale {
+            tx.execute(
+                "DELETE FROM volume_leases WHERE volume = ?1 AND box_id = ?2",
+                params![volume, box_id],
+            )?;
+            tracing::info!(volume, box_id, "released a stale volume lease");
+        }
+        tx.commit()?;
+        Ok(stale)
     }
 
     /// Ends every hold of `box_id` (when the Box stops or its shim died).

@@ -75,6 +75,10 @@ pub struct SharePlan {
 /// Decides what to export for host path `source`. Single files are hard-linked into
 /// `staging` (a private folder of the Box, e.g. `boxes/<id>/shares/<n>`, created here).
 pub fn plan_share(source: &Path, readonly: bool, staging: &Path) -> Result<SharePlan> {
+    // Resolve symlinks: a hard link to a symlink would show the guest a dangling link.
+    let source = &std::fs::canonicalize(source).map_err(|_| VirtiofsError::BadSource {
+        path: source.to_path_buf(),
+    })?;
     let meta = std::fs::metadata(source).map_err(|_| VirtiofsError::BadSource {
         path: source.to_path_buf(),
     })?;

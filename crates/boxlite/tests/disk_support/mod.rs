@@ -195,3 +195,25 @@ pub fn du_bytes(path: &Path) -> u64 {
         .parse()
         .unwrap()
 }
+
+/// Makes cluster 6 of a freshly created qcow2 image a leak (refcount 1, no reference), what a
+/// crash between allocating and referencing a cluster leaves.
+pub fn make_leak(path: &Path) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut h = [0u8; 104];
+    f.read_exact(&mut h).unwrap();
+    let reftable = u64::from_be_bytes(h[48..56].try_into().unwrap());
+    f.seek(SeekFrom::Start(reftable)).unwrap();
+    let mut e = [0u8; 8];
+    f.read_exact(&mut e).unwrap();
+    let refblock = u64::from_be_bytes(e);
+    f.seek(SeekFrom::Start(refblock + 6 * 2)).unwrap();
+    f.write_all(&1u16.to_be_bytes()).unwrap();
+    let len = f.metadata().unwrap().len().max(7 * 65536);
+    f.set_len(len).unwrap();
+}

@@ -174,9 +174,15 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// Writes an initramfs holding busybox, the virtio-net modules, net_probe, the `www` files and
+/// Writes an initramfs holding busybox, the virtio-net modules, net_probe, the `www` files,
+/// the host programs `programs` (at their host paths, with the libraries `ldd` names) and
 /// `init` as /init; returns its path.
-pub fn build_initramfs(dir: &Path, init: &str, www: &[(&str, Vec<u8>)]) -> PathBuf {
+pub fn build_initramfs(
+    dir: &Path,
+    init: &str,
+    www: &[(&str, Vec<u8>)],
+    programs: &[&Path],
+) -> PathBuf {
     let root = dir.join("root");
     for d in [
         "bin",
@@ -219,6 +225,9 @@ pub fn build_initramfs(dir: &Path, init: &str, www: &[(&str, Vec<u8>)]) -> PathB
          echo \"UDHCPC ip=$ip mask=$mask router=$router dns=$dns mtu=$mtu\"\n",
     )
     .unwrap();
+    for program in programs {
+        copy_with_libraries(program, &root);
+    }
     std::fs::write(root.join("init"), init).unwrap();
     for f in ["init", "udhcpc.sh"] {
         Command::new("chmod")
@@ -421,4 +430,20 @@ pub fn rss_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap()
+}
+
+/// Copies a host program and every library `ldd` lists for it to the same paths under `root`.
+fn copy_with_libraries(program: &Path, root: &Path) {
+    let out = Command::new("ldd").arg(program).output().unwrap();
+    let mut files = vec![program.to_path_buf()];
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
+            files.push(PathBuf::from(p));
+        }
+    }
+    for f in files {
+        let dst = root.join(f.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(&f, &dst).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+    }
 }

@@ -7,6 +7,9 @@
 #          odd mtimes, an empty file, a sparse-ish large file.
 # Layer 3: a directory deleted and re-created (whiteout + new content), one name of a hardlink
 #          pair removed, a file replaced by a directory, a directory replaced by a symlink.
+# Layer 4 (hand-made, uncompressed, `umoci raw add-layer`): an opaque directory marker, a
+#          hardlink to a file of a lower layer, a file below a lower symlink to a directory
+#          (merged-/usr style), a PAX xattr on a new file.
 # Leaves WORKDIR/layout (tag "img") and WORKDIR/ref (umoci unpack of the result).
 set -euo pipefail
 work=${1:?usage: umoci-image.sh WORKDIR REPO_ROOT}
@@ -36,6 +39,7 @@ echo "a pair across directories" > "$R/usr/bin/pair-1" && ln "$R/usr/bin/pair-1"
 ln -s ../opt/app/config "$R/etc/app.conf"
 ln -s /nonexistent/absolute "$R/etc/dangling"
 mkfifo -m 620 "$R/run/control.fifo"
+mkdir -p "$R/usr/lib" && echo "libc" > "$R/usr/lib/libc.so.6" && ln -s usr/lib "$R/lib"
 mknod -m 666 "$R/dev/null" c 1 3
 mknod -m 660 "$R/dev/sda1" b 8 1
 : > "$R/etc/empty"
@@ -72,5 +76,25 @@ rm -rf "$R/replace-me" && ln -s opt/app "$R/replace-me"
 echo "appended" >> "$R/etc/passwd"
 umoci repack --image "$L:img" "$work/b3"
 rm -rf "$work/b3"
+
+# Layer 4
+python3 - "$work/layer4.tar" <<'PY'
+import io, sys, tarfile
+def add(tf, name, typ, data=b"", mode=0o644, link="", pax=None):
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.mode, ti.mtime, ti.linkname = typ, mode, 1700000000, link
+    if pax:
+        ti.pax_headers = pax
+    ti.size = len(data) if typ == tarfile.REGTYPE else 0
+    tf.addfile(ti, io.BytesIO(data) if typ == tarfile.REGTYPE else None)
+with tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT) as tf:
+    add(tf, "opt/app", tarfile.DIRTYPE, mode=0o750)
+    add(tf, "opt/app/fresh", tarfile.REGTYPE, b"only this survives the opaque marker\n",
+        pax={"SCHILY.xattr.user.layer": "four"})
+    add(tf, "opt/app/.wh..wh..opq", tarfile.REGTYPE)
+    add(tf, "opt/cross-link", tarfile.LNKTYPE, link="usr/bin/pair-1")
+    add(tf, "lib/libnew.so", tarfile.REGTYPE, b"added through the lib symlink\n", mode=0o755)
+PY
+umoci raw add-layer --image "$L:img" "$work/layer4.tar"
 
 umoci unpack --image "$L:img" "$work/ref"

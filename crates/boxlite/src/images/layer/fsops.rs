@@ -265,6 +265,24 @@ pub fn apply_attrs_fd(fd: BorrowedFd<'_>, attrs: &Attrs, short: &mut Shortfall) 
     nix::sys::stat::futimens(fd.as_raw_fd(), &t, &t).map_err(errno_io)
 }
 
+/// Removes the extended attributes of an open directory that `attrs` does not list: a declared
+/// directory that already existed gets exactly the layer's set, as a new one would (the
+/// host's `security.selinux` label stays).
+pub fn drop_unlisted_xattrs(fd: BorrowedFd<'_>, attrs: &Attrs) -> io::Result<()> {
+    let file = File::from(fd.try_clone_to_owned()?);
+    for name in xattr::FileExt::list_xattr(&file)? {
+        let listed = attrs.xattrs.iter().any(|(n, _)| *n == name);
+        if !listed && name != "security.selinux" {
+            match xattr::FileExt::remove_xattr(&file, &name) {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EPERM)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Applies `attrs` to `name` in `dir` that is a symlink, device node or FIFO (things we cannot
 /// open without side effects). `name` was just created by us in a tree only we write to.
 pub fn apply_attrs_at(
@@ -365,6 +383,64 @@ pub fn create_file_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<File> {
     )
     .map_err(errno_io)?;
     Ok(File::from(owned(raw)))
+}
+
+/// Copies `from` into the empty file `to`, keeping holes as holes (`SEEK_DATA`/`SEEK_HOLE`)
+/// and copying data in the kernel where it can (`copy_file_range`).
+pub fn copy_sparse(from: &File, to: &File) -> io::Result<()> {
+    use nix::unistd::{lseek, Whence};
+    let len = from.metadata()?.len();
+    let mut pos: i64 = 0;
+    let end = i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    while pos < end {
+        let data = match lseek(from.as_raw_fd(), pos, Whence::SeekData) {
+            Ok(offset) => offset,
+            Err(Errno::ENXIO) => break,
+            // No hole support: copy everything from here.
+            Err(Errno::EINVAL) => pos,
+            Err(e) => return Err(errno_io(e)),
+        };
+        let hole = match lseek(from.as_raw_fd(), data, Whence::SeekHole) {
+            Ok(offset) => offset.min(end),
+            Err(Errno::EINVAL) => end,
+            Err(e) => return Err(errno_io(e)),
+        };
+        copy_range(from, to, data, hole)?;
+        pos = hole;
+    }
+    to.set_len(len)
+}
+
+/// Copies bytes `[start, stop)` of `from` to the same offsets of `to`.
+fn copy_range(from: &File, to: &File, start: i64, stop: i64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let (mut off_in, mut off_out) = (start, start);
+    while off_in < stop {
+        let want = usize::try_from(stop - off_in)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        match nix::fcntl::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            Ok(_) => {}
+            Err(Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
+                let mut buf = vec![0u8; 1 << 20];
+                while off_in < stop {
+                    let want = usize::try_from(stop - off_in)
+                        .unwrap_or(usize::MAX)
+                        .min(buf.len());
+                    let n = from.read_at(&mut buf[..want], off_in as u64)?;
+                    if n == 0 {
+                        return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+                    }
+                    to.write_all_at(&buf[..n], off_in as u64)?;
+                    off_in += n as i64;
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(errno_io(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Opens the regular file `name` in `dir` for reading, refusing symlinks.

@@ -39,8 +39,8 @@ pub struct LayerMeta {
     pub external_hardlinks: BTreeMap<RelPath, RelPath>,
     /// Device nodes that could not be created (unprivileged extraction).
     pub skipped_devices: BTreeMap<RelPath, DeviceNode>,
-    /// Extended attributes that could not be set.
-    pub skipped_xattrs: Vec<SkippedXattr>,
+    /// Extended attributes that could not be set, by path.
+    pub skipped_xattrs: BTreeMap<RelPath, Vec<SkippedXattr>>,
     /// Inodes whose owner could not be set (unprivileged extraction).
     pub chown_failures: u64,
     /// Members read, and bytes of file content written (logical sizes).
@@ -58,12 +58,14 @@ pub struct DeviceNode {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+    /// Seconds and nanoseconds since the epoch.
+    #[serde(default)]
+    pub mtime: (i64, u32),
 }
 
 /// An extended attribute that extraction could not set.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SkippedXattr {
-    pub path: RelPath,
     /// The attribute name (`security.capability`, ...), lossy UTF-8.
     pub name: String,
     pub value_hex: String,
@@ -71,16 +73,28 @@ pub struct SkippedXattr {
 }
 
 impl LayerMeta {
-    /// Forgets every record at or below `path` (a later member replaced it).
+    /// Forgets every record at or below `path` (a later member replaced it). Range removals:
+    /// a layer may replace paths millions of times.
     pub fn forget_below(&mut self, path: &RelPath) {
         fn prune<V>(map: &mut BTreeMap<RelPath, V>, path: &RelPath) {
-            map.retain(|k, _| !k.starts_with(path));
+            map.remove(path);
+            let doomed: Vec<RelPath> = map.range(path.below()).map(|(k, _)| k.clone()).collect();
+            for k in doomed {
+                map.remove(&k);
+            }
+        }
+        fn prune_set(set: &mut BTreeSet<RelPath>, path: &RelPath) {
+            set.remove(path);
+            let doomed: Vec<RelPath> = set.range(path.below()).cloned().collect();
+            for k in doomed {
+                set.remove(&k);
+            }
         }
         prune(&mut self.external_hardlinks, path);
         prune(&mut self.skipped_devices, path);
-        self.implicit_dirs.retain(|k| !k.starts_with(path));
-        self.opaque_dirs.retain(|k| !k.starts_with(path));
-        self.skipped_xattrs.retain(|x| !x.path.starts_with(path));
+        prune(&mut self.skipped_xattrs, path);
+        prune_set(&mut self.implicit_dirs, path);
+        prune_set(&mut self.opaque_dirs, path);
     }
 
     /// Records xattrs that could not be set on `path`.
@@ -96,12 +110,55 @@ impl LayerMeta {
                 %reason,
                 "extended attribute not applied; recorded in the layer metadata"
             );
-            self.skipped_xattrs.push(SkippedXattr {
-                path: path.clone(),
-                name: String::from_utf8_lossy(name.as_bytes()).into_owned(),
-                value_hex: hex::encode(value),
-                reason,
-            });
+            self.skipped_xattrs
+                .entry(path.clone())
+                .or_default()
+                .push(SkippedXattr {
+                    name: String::from_utf8_lossy(name.as_bytes()).into_owned(),
+                    value_hex: hex::encode(value),
+                    reason,
+                });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::from_member_name(s.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn forget_below_removes_exactly_the_subtree() {
+        let mut meta = LayerMeta::default();
+        for k in ["a", "a/b", "a/b/c", "a/bc", "a/b!x", "z"] {
+            meta.implicit_dirs.insert(p(k));
+            meta.external_hardlinks.insert(p(k), p("t"));
+        }
+        meta.forget_below(&p("a/b"));
+        let left: Vec<String> = meta.implicit_dirs.iter().map(|k| k.to_string()).collect();
+        assert_eq!(left, ["a", "a/b!x", "a/bc", "z"]);
+        assert_eq!(meta.external_hardlinks.len(), 4);
+    }
+
+    #[test]
+    fn forget_below_is_not_quadratic() {
+        // A layer replacing 100k paths while holding 100k records: a scan per call would be
+        // 10^10 steps; range removal is 100k lookups.
+        let n = 100_000;
+        let mut meta = LayerMeta::default();
+        for i in 0..n {
+            meta.implicit_dirs.insert(p(&format!("d{i}")));
+            meta.external_hardlinks
+                .insert(p(&format!("d{i}/g")), p("t"));
+        }
+        let started = std::time::Instant::now();
+        for i in 0..n {
+            meta.forget_below(&p(&format!("d{i}/f")));
+        }
+        assert!(started.elapsed().as_secs() < 20, "{:?}", started.elapsed());
+        assert_eq!(meta.external_hardlinks.len(), n);
     }
 }

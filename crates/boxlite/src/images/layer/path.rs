@@ -11,6 +11,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
+use std::ops::Bound;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
@@ -171,6 +172,22 @@ impl RelPath {
                 && self.bytes.get(other.bytes.len()) == Some(&b'/'))
     }
 
+    /// The key range holding exactly the paths strictly below `self` (all of them start with
+    /// `self/`, and bytewise order keeps them together), for range queries on sorted maps.
+    pub fn below(&self) -> (Bound<RelPath>, Bound<RelPath>) {
+        if self.is_root() {
+            return (Bound::Excluded(RelPath::root()), Bound::Unbounded);
+        }
+        let mut start = self.bytes.clone();
+        start.push(b'/');
+        let mut end = self.bytes.clone();
+        end.push(b'/' + 1);
+        (
+            Bound::Included(RelPath { bytes: start }),
+            Bound::Excluded(RelPath { bytes: end }),
+        )
+    }
+
     /// As a relative `Path` (empty for the root).
     pub fn as_path(&self) -> &Path {
         Path::new(OsStr::from_bytes(&self.bytes))
@@ -288,6 +305,13 @@ mod tests {
         assert!(!RelPath::from_member_name(b"a/bc")
             .unwrap()
             .starts_with(&RelPath::from_member_name(b"a/b").unwrap()));
+        let mut set = std::collections::BTreeSet::new();
+        for n in ["a", "a/b", "a/b!", "a/b/c", "a/b/c/d", "a/b0", "a/c"] {
+            set.insert(RelPath::from_member_name(n.as_bytes()).unwrap());
+        }
+        let below: Vec<String> = set.range(parent.below()).map(|p| p.to_string()).collect();
+        assert_eq!(below, ["a/b/c", "a/b/c/d"]);
+        assert_eq!(set.range(RelPath::root().below()).count(), 7);
         let json = serde_json::to_string(&p).unwrap();
         assert_eq!(serde_json::from_str::<RelPath>(&json).unwrap(), p);
         let latin1 = RelPath::from_member_name(b"caf\xe9").unwrap();

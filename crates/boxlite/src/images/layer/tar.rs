@@ -18,6 +18,9 @@ const BLOCK: u64 = 512;
 /// Largest GNU long name, long link or pax record set accepted (real ones are < 10 KiB).
 pub const MAX_META: u64 = 1 << 20;
 
+/// Largest member size accepted (4 EiB; keeps block arithmetic far from overflow).
+const MAX_MEMBER_SIZE: u64 = 1 << 62;
+
 /// Most sparse-map entries accepted for one file.
 const MAX_SPARSE_ENTRIES: usize = 1 << 20;
 
@@ -186,6 +189,9 @@ impl<R: Read> TarReader<R> {
                 }
                 b'V' => {
                     // A volume label is not a file.
+                    if header_size > MAX_META {
+                        return Err(corrupt(offset, "oversized volume label"));
+                    }
                     self.skip(round_up(header_size))?;
                     continue;
                 }
@@ -270,7 +276,18 @@ impl<R: Read> TarReader<R> {
             }
         };
         let archive_size = pax.size.unwrap_or(header_size);
-        let data_size = if kind == Kind::File { archive_size } else { 0 };
+        if archive_size > MAX_MEMBER_SIZE {
+            return Err(corrupt(
+                offset,
+                &format!("member size {archive_size} is absurd"),
+            ));
+        }
+        // A GNU dump directory ('D') carries a listing we skip; other non-files carry nothing.
+        let data_size = if kind == Kind::File || typeflag == b'D' {
+            archive_size
+        } else {
+            0
+        };
         let (dev_major, dev_minor) = match kind {
             Kind::CharDevice | Kind::BlockDevice => {
                 let major = header.device_major().map(|v| u64::from(v.unwrap_or(0)));
@@ -475,6 +492,9 @@ impl<R: Read> TarReader<R> {
         real: u64,
         offset: u64,
     ) -> Result<(), TarError> {
+        if real > MAX_MEMBER_SIZE {
+            return Err(corrupt(offset, &format!("sparse size {real} is absurd")));
+        }
         let mut end = 0u64;
         let mut total = 0u64;
         for &(off, len) in &chunks {
@@ -810,6 +830,23 @@ mod tests {
         let members = collect(&bytes).unwrap();
         assert_eq!(members.len(), 2);
         assert_eq!(members[1].1, b"abc");
+    }
+
+    #[test]
+    fn gnu_dump_directory_listing_is_skipped() {
+        let mut h = header("d/", EntryType::Directory, 6);
+        h.as_mut_bytes()[156] = b'D';
+        h.set_cksum();
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend_from_slice(b"Yf\0\0\0\0");
+        bytes.extend(vec![0u8; 506]);
+        bytes.extend_from_slice(header("d/f", EntryType::Regular, 2).as_bytes());
+        bytes.extend_from_slice(b"ok");
+        bytes.extend(vec![0u8; 510 + 1024]);
+        let members = collect(&bytes).unwrap();
+        assert_eq!(members[0].0.kind, Kind::Dir);
+        assert_eq!(members[1].0.name, b"d/f");
+        assert_eq!(members[1].1, b"ok");
     }
 
     #[test]

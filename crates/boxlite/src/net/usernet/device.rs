@@ -17,7 +17,7 @@ use super::Counters;
 use crate::net::framing;
 
 /// Output bytes above which smoltcp may not transmit.
-const BACKPRESSURE: usize = 1 << 20;
+pub const BACKPRESSURE: usize = 1 << 20;
 /// Output bytes above which even our own datagrams are dropped (UDP may lose packets).
 const HARD_LIMIT: usize = 4 << 20;
 

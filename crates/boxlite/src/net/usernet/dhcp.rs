@@ -6,6 +6,9 @@
 //! that selected another server. NAKs are always broadcast (RFC 2131 4.3.2): the client has no
 //! usable address to unicast to. Malformed packets produce no reply; parsing is bounds-checked by
 //! `dhcproto`, which never reads past the slice it is given.
+//!
+//! Leases are not reclaimed when they expire: a Box has one NIC and the pool is far larger, so a
+//! client keeps its address across reboots of the guest (INIT-REBOOT is ACKed).
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;

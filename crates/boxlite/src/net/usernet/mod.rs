@@ -7,6 +7,11 @@
 //! the guest. Policy ([`policy`]) keeps the host's loopback out of reach unless the Box was
 //! created with `allow_host`.
 //!
+//! IPv4 only: IPv6 frames from the guest are dropped (the guest keeps its link-local address
+//! and nothing routes beyond it). UDP and ICMP bigger than one frame travel as IPv4 fragments
+//! both ways ([`reassembly`] for the guest's). ICMP beyond the gateway needs unprivileged ping
+//! sockets (`net.ipv4.ping_group_range`); that gap is marked where it lives.
+//!
 //! The shim drives the thread through [`Usernet`]: commands (port forwards, stop) go over a
 //! channel with a mio waker; counters are shared atomics.
 
@@ -15,6 +20,7 @@ pub mod dhcp;
 pub mod dns;
 pub mod packet;
 mod policy;
+pub mod reassembly;
 mod stack;
 mod tcp;
 mod udp;
@@ -140,6 +146,7 @@ impl NetworkBackend for Usernet {
         if self.running.lock().expect("usernet handle lock").is_some() {
             return Err(NetworkError::AlreadyRunning(NetworkKind::Usernet));
         }
+        raise_fd_limit();
         let path = self.options.socket_path()?;
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).map_err(|source| NetworkError::BindSocket {
@@ -234,6 +241,30 @@ impl NetworkBackend for Usernet {
 
     fn port_forwards(&self) -> Vec<PortForward> {
         self.forwards.lock().expect("forward list lock").clone()
+    }
+}
+
+/// Descriptors the stack may hold at once: TCP connections, UDP flows, ping sockets, forwards.
+const FD_BUDGET: libc::rlim_t = (stack::MAX_TCP + 2 * udp::MAX_FLOWS + 256) as libc::rlim_t;
+
+/// Raises this process's soft descriptor limit to cover [`FD_BUDGET`] (as far as the hard limit
+/// allows); the stack runs inside the per-Box shim, which owns its process.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let want: libc::rlim_t = lim.rlim_cur.max(FD_BUDGET).min(lim.rlim_max);
+    if want > lim.rlim_cur {
+        lim.rlim_cur = want;
+        // SAFETY: setrlimit reads one valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            warn!("cannot raise the descriptor limit; busy guests may see refused connects");
+        }
     }
 }
 

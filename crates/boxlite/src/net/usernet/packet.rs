@@ -1,6 +1,7 @@
 //! Building the frames usernet sends outside smoltcp's sockets: UDP datagrams (DHCP, DNS, NAT
 //! replies, forwards), TCP resets for refused connects and ICMP echo replies, each a complete
 //! Ethernet II + IPv4 frame with correct checksums (RFC 791, RFC 768, RFC 793, RFC 792).
+//! Datagrams bigger than one frame are split into IPv4 fragments (RFC 791 section 2.3).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -86,6 +87,49 @@ pub fn udp_frame(
     )
 }
 
+/// A UDP datagram from `src` to `dst` as one frame, or as IPv4 fragments of at most `mtu`
+/// bytes of IP packet each when it does not fit. `ident` tells the datagrams apart.
+pub fn udp_frames(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    payload: &[u8],
+    mtu: usize,
+    ident: u16,
+) -> Vec<Vec<u8>> {
+    let whole = udp_frame(src_mac, dst_mac, src, dst, payload);
+    if whole.len() - 14 <= mtu {
+        return vec![whole];
+    }
+    // The UDP header and payload, checksummed once over the whole datagram, then cut.
+    let datagram = &whole[14 + 20..];
+    let chunk = (mtu - 20) / 8 * 8;
+    let mut frames = Vec::new();
+    let mut offset = 0;
+    while offset < datagram.len() {
+        let piece = &datagram[offset..(offset + chunk).min(datagram.len())];
+        let mut frame = ipv4_frame(
+            src_mac,
+            dst_mac,
+            *src.ip(),
+            *dst.ip(),
+            IpProtocol::Udp,
+            piece.len(),
+            |buf, _| buf.copy_from_slice(piece),
+        );
+        let mut ip = Ipv4Packet::new_unchecked(&mut frame[14..]);
+        ip.set_ident(ident);
+        ip.set_dont_frag(false);
+        ip.set_more_frags(offset + piece.len() < datagram.len());
+        ip.set_frag_offset(offset as u16);
+        ip.fill_checksum();
+        frames.push(frame);
+        offset += piece.len();
+    }
+    frames
+}
+
 /// The RST answering `seg` (RFC 793, "Reset Generation": no connection exists).
 pub fn tcp_reset(src_mac: [u8; 6], dst_mac: [u8; 6], seg: &SegmentId) -> Vec<u8> {
     let (seq, ack) = match seg.ack {
@@ -167,6 +211,30 @@ mod tests {
         let udp = UdpPacket::new_checked(ip.payload()).unwrap();
         assert!(udp.verify_checksum(&src.ip().to_owned().into(), &dst.ip().to_owned().into()));
         assert_eq!(udp.payload(), b"hello");
+    }
+
+    #[test]
+    fn big_datagrams_become_fragments_that_reassemble() {
+        let src = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 53);
+        let dst = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 4000);
+        let payload: Vec<u8> = (0..4000).map(|i| (i % 251) as u8).collect();
+        let frames = udp_frames([1; 6], [2; 6], src, dst, &payload, 1500, 77);
+        assert_eq!(frames.len(), 3);
+        let mut datagram = vec![0u8; 8 + payload.len()];
+        for (i, f) in frames.iter().enumerate() {
+            assert!(f.len() <= 1514);
+            let ip = Ipv4Packet::new_checked(&f[14..]).unwrap();
+            assert!(ip.verify_checksum());
+            assert_eq!(ip.ident(), 77);
+            assert_eq!(ip.more_frags(), i < 2);
+            let off = usize::from(ip.frag_offset());
+            datagram[off..off + ip.payload().len()].copy_from_slice(ip.payload());
+        }
+        let udp = UdpPacket::new_checked(&datagram[..]).unwrap();
+        assert!(udp.verify_checksum(&(*src.ip()).into(), &(*dst.ip()).into()));
+        assert_eq!(udp.payload(), &payload[..]);
+        let small = udp_frames([1; 6], [2; 6], src, dst, b"x", 1500, 1);
+        assert_eq!(small, vec![udp_frame([1; 6], [2; 6], src, dst, b"x")]);
     }
 
     #[test]

@@ -168,6 +168,11 @@ impl TcpConn {
         }
     }
 
+    /// Both directions ended with a FIN (not a reset or an abandoned connection).
+    pub fn closed_gracefully(&self) -> bool {
+        self.host_eof && self.host_write_closed
+    }
+
     /// Queues a DNS reply (DNS peers only).
     pub fn push_dns_reply(&mut self, reply: &[u8]) {
         if let Peer::Dns {

@@ -13,8 +13,6 @@ use crate::net::PortForward;
 
 /// Most NAT'ed UDP flows at once; the least recently used goes when a new one needs room.
 pub const MAX_FLOWS: usize = 512;
-/// Largest datagram we can hand the guest without IP fragmentation.
-pub const MAX_PAYLOAD: usize = 1500 - 20 - 8;
 
 /// One guest UDP flow through a host socket.
 #[derive(Debug)]
@@ -25,6 +23,36 @@ pub struct UdpFlow {
     pub remote: SocketAddrV4,
     pub socket: UdpSocket,
     pub last: Instant,
+}
+
+/// One guest ICMP echo conversation through an unprivileged ping socket.
+#[derive(Debug)]
+pub struct IcmpFlow {
+    pub guest: std::net::Ipv4Addr,
+    pub remote: std::net::Ipv4Addr,
+    /// The identifier the guest used; the kernel rewrites it on the way out.
+    pub guest_id: u16,
+    pub socket: UdpSocket,
+    pub last: Instant,
+}
+
+/// Opens an unprivileged ICMP echo ("ping") socket; fails where `ping_group_range` forbids it.
+pub fn ping_socket() -> std::io::Result<UdpSocket> {
+    // SAFETY: plain socket(2); the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMP,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh datagram socket we own; std's UdpSocket only sends and receives
+    // datagrams on it, which is what a ping socket supports.
+    let std_sock = unsafe { <std::net::UdpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    Ok(UdpSocket::from_std(std_sock))
 }
 
 /// One host → guest UDP forward.
