@@ -117,11 +117,18 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<u8> {
                 let in_use = images_in_use(&home, &images)?;
                 let report = images.prune(&in_use).context("pruning images")?;
                 print_removed(&report);
+                let runtime = boxlite::runtime::Runtime::new(home.clone())?;
+                let disks = runtime.prune_disks().context("pruning unused disks")?;
+                for (path, _) in &disks {
+                    println!("Deleted: {}", path.display());
+                }
+                let disk_bytes: u64 = disks.iter().map(|(_, bytes)| bytes).sum();
                 println!(
-                    "Removed {} blobs and {} layers, freed {}",
+                    "Removed {} blobs, {} layers and {} disks, freed {}",
                     report.blobs_removed,
                     report.layers_removed,
-                    human_size(report.bytes_freed)
+                    disks.len(),
+                    human_size(report.bytes_freed + disk_bytes)
                 );
                 Ok(0)
             }

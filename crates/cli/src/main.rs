@@ -3,6 +3,7 @@
 
 mod boxes;
 mod images;
+mod snapshots;
 mod terminal;
 mod volumes;
 
@@ -30,6 +31,8 @@ enum Command {
     Images(images::ImageCommand),
     #[command(flatten)]
     Boxes(Box<boxes::BoxCommand>),
+    #[command(flatten)]
+    Snapshots(snapshots::SnapshotCommand),
     /// Manage named volumes.
     Volume {
         #[command(subcommand)]
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Images(cmd) => images::run(cmd),
         Command::Boxes(cmd) => boxes::run(*cmd),
+        Command::Snapshots(cmd) => snapshots::run(cmd),
         Command::Volume { command } => volumes::run(command),
     };
     match result {

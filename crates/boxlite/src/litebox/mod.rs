@@ -4,6 +4,7 @@
 //! on the same Box at once run one after the other and never leave half-written state.
 
 pub mod exec;
+pub mod snapshot;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -25,6 +26,7 @@ use crate::vmm::accel::{self, AccelDecision};
 use crate::vmm::qemu::QemuEngine;
 use crate::vmm::GuestAssets;
 pub use exec::{ExecError, ExecSession, ExitStatus, Output, SessionControl};
+pub use snapshot::{BoxSnapshot, SnapshotError};
 
 /// What to run with [`LiteBox::exec`]. Empty fields take the Box's defaults (image env, working
 /// dir and user).

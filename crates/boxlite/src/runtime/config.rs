@@ -131,6 +131,9 @@ pub struct BoxConfig {
     pub accel: AccelChoice,
     /// The NIC's MAC address, stable for the Box's life.
     pub mac: String,
+    /// The id of the Box this one was cloned from (`boxlite clone`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloned_from: Option<String>,
 }
 
 /// Merges `KEY=VALUE` lists: later keys replace earlier ones, order of first appearance kept.

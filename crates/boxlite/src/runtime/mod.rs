@@ -18,6 +18,7 @@ pub mod config;
 pub mod image;
 pub mod paths;
 pub mod record;
+pub mod usage;
 
 use crate::home::Home;
 use crate::litebox::LiteBox;
@@ -169,6 +170,7 @@ impl Runtime {
                 auto_remove: opts.auto_remove,
                 accel: opts.accel,
                 mac: mac_for(&id),
+                cloned_from: None,
             },
             state: BoxState::Created,
             shim_pid: None,
@@ -224,7 +226,7 @@ impl Runtime {
     }
 }
 
-fn validate_name(name: &str) -> Result<()> {
+pub(crate) fn validate_name(name: &str) -> Result<()> {
     let mut chars = name.chars();
     let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
@@ -237,7 +239,7 @@ fn validate_name(name: &str) -> Result<()> {
 }
 
 /// 32 random hex digits.
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     let mut buf = [0u8; 16];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         use std::io::Read;
@@ -247,7 +249,7 @@ fn new_id() -> String {
 }
 
 /// A locally administered MAC derived from the Box id (stable across restarts).
-fn mac_for(id: &str) -> String {
+pub(crate) fn mac_for(id: &str) -> String {
     let b = id.as_bytes();
     let h = |i: usize| {
         u8::from_str_radix(std::str::from_utf8(&b[i..i + 2]).unwrap_or("00"), 16).unwrap_or(0)

@@ -242,3 +242,86 @@ pub fn debian_layout() -> PathBuf {
         })
         .clone()
 }
+
+impl Env {
+    /// The disk file of Box `name` (from `inspect`).
+    pub fn disk_of(&self, name: &str) -> PathBuf {
+        let inspect: serde_json::Value =
+            serde_json::from_str(&self.ok(&["inspect", name])).unwrap();
+        PathBuf::from(
+            inspect["paths"]["disk"]
+                .as_str()
+                .expect("inspect names the disk"),
+        )
+    }
+
+    /// Imports the Debian test image as `localhost/debian:test` and returns that reference.
+    pub fn debian(&self) -> &'static str {
+        let layout = debian_layout();
+        self.ok(&[
+            "image",
+            "import",
+            layout.to_str().unwrap(),
+            "--tag",
+            "localhost/debian:test",
+        ]);
+        "localhost/debian:test"
+    }
+
+    /// The base disks under `images/rootfs/`.
+    pub fn base_disks(&self) -> Vec<PathBuf> {
+        let dir = self.home.path().join("images/rootfs");
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|e| e.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        found.retain(|p| p.extension().is_some_and(|x| x == "raw"));
+        found.sort();
+        found
+    }
+}
+
+/// Bytes a file occupies on the host (`du`).
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// `qemu-img check` of a qcow2 file: clean (no errors, corruptions or leaks).
+pub fn assert_qcow2_clean(path: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["check", "-U", "-f", "qcow2"])
+        .arg(path)
+        .output()
+        .expect("qemu-img runs");
+    assert!(
+        out.status.success(),
+        "qemu-img check {}: {}{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img info --backing-chain --output=json`, top image first.
+pub fn backing_chain(path: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--backing-chain", "--output=json"])
+        .arg(path)
+        .output()
+        .expect("qemu-img runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// sha256 of a file on the host.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut file = std::fs::File::open(path).unwrap();
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).unwrap();
+    hex::encode(hasher.finalize())
+}

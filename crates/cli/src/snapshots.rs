@@ -1,0 +1,221 @@
+//! `boxlite snapshot create|ls|restore|rm`, `boxlite clone` and `boxlite system df`: snapshots
+//! and clones of stopped Boxes, and where the home folder's space goes.
+
+use anyhow::Context;
+use boxlite::runtime::usage::SystemUsage;
+use boxlite::runtime::Runtime;
+use clap::Subcommand;
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Snapshots of a stopped Box's disk.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotSubcommand,
+    },
+    /// Create a new Box (not started) with a stopped Box's configuration and disk contents.
+    Clone {
+        #[arg(value_name = "BOX")]
+        source: String,
+        #[arg(value_name = "NEWNAME")]
+        name: String,
+    },
+    /// System-wide information.
+    System {
+        #[command(subcommand)]
+        command: SystemSubcommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotSubcommand {
+    /// Take a snapshot of a stopped Box's disk.
+    Create {
+        #[arg(value_name = "BOX")]
+        name: String,
+        snapshot: String,
+    },
+    /// List a Box's snapshots, oldest first.
+    Ls {
+        #[arg(value_name = "BOX")]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Return a stopped Box's disk to a snapshot (later writes are lost).
+    Restore {
+        #[arg(value_name = "BOX")]
+        name: String,
+        snapshot: String,
+    },
+    /// Delete a snapshot of a stopped Box.
+    Rm {
+        #[arg(value_name = "BOX")]
+        name: String,
+        snapshot: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SystemSubcommand {
+    /// Disk usage of images, Boxes and volumes.
+    Df {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(cmd: SnapshotCommand) -> anyhow::Result<u8> {
+    let rt = Runtime::from_env()?;
+    match cmd {
+        SnapshotCommand::Snapshot { command } => snapshot(&rt, command),
+        SnapshotCommand::Clone { source, name } => {
+            let clone = rt
+                .get(&source)?
+                .clone_as(&name)
+                .with_context(|| format!("cloning box {source} as {name}"))?;
+            println!("{}", clone.id());
+            Ok(0)
+        }
+        SnapshotCommand::System {
+            command: SystemSubcommand::Df { json },
+        } => {
+            let usage = rt.disk_usage().context("measuring disk usage")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&usage)?);
+            } else {
+                print_usage(&usage);
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn snapshot(rt: &Runtime, command: SnapshotSubcommand) -> anyhow::Result<u8> {
+    match command {
+        SnapshotSubcommand::Create { name, snapshot } => {
+            rt.get(&name)?.snapshot_create(&snapshot)?;
+            println!("{snapshot}");
+        }
+        SnapshotSubcommand::Ls { name, json } => {
+            let list = rt.get(&name)?.snapshots()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<4} {:<40} CREATED", "ID", "NAME");
+                for s in &list {
+                    println!("{:<4} {:<40} {}", s.id, s.name, utc(s.created_at));
+                }
+            }
+        }
+        SnapshotSubcommand::Restore { name, snapshot } => {
+            rt.get(&name)?.snapshot_restore(&snapshot)?;
+            println!("{snapshot}");
+        }
+        SnapshotSubcommand::Rm { name, snapshot } => {
+            rt.get(&name)?.snapshot_delete(&snapshot)?;
+            println!("{snapshot}");
+        }
+    }
+    Ok(0)
+}
+
+fn print_usage(u: &SystemUsage) {
+    let boxes: u64 = u.boxes.iter().map(|b| b.disk_bytes).sum();
+    let volumes: u64 = u.volumes.iter().map(|v| v.bytes).sum();
+    println!("{:<28} {:>6} {:>10}", "TYPE", "COUNT", "SIZE");
+    let row = |kind: &str, count: usize, bytes: u64| {
+        println!("{kind:<28} {count:>6} {:>10}", human(bytes));
+    };
+    row("Image blobs", u.images.count, u.images.blobs_bytes);
+    row(
+        "Image layers (extracted)",
+        u.images.count,
+        u.images.layers_bytes,
+    );
+    row("Base disks", u.images.base_disks, u.images.base_disks_bytes);
+    row("Box disks", u.boxes.len(), boxes);
+    row(
+        "Shared clone layers",
+        u.shared_layers,
+        u.shared_layers_bytes,
+    );
+    row("Volumes", u.volumes.len(), volumes);
+    println!(
+        "Total {}, reclaimable by `image prune` {}",
+        human(u.total_bytes),
+        human(u.reclaimable_bytes)
+    );
+    if !u.boxes.is_empty() {
+        println!();
+        println!("{:<24} {:<12} {:>10}  IMAGE", "BOX", "STATE", "DISK");
+        for b in &u.boxes {
+            println!(
+                "{:<24} {:<12} {:>10}  {}",
+                b.name,
+                b.state,
+                human(b.disk_bytes),
+                b.image
+            );
+        }
+    }
+    if !u.volumes.is_empty() {
+        println!();
+        println!("{:<24} {:>10}", "VOLUME", "SIZE");
+        for v in &u.volumes {
+            println!("{:<24} {:>10}", v.name, human(v.bytes));
+        }
+    }
+}
+
+/// Binary units, as `du -h` prints them.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) for seconds since the epoch.
+fn utc(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_sizes_print_like_the_usual_tools() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(1_796_300_000), "2026-12-03 12:13:20");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(3 << 20), "3.0 MiB");
+    }
+}
