@@ -444,12 +444,35 @@ impl ImageManager {
     }
 
     /// Base images (`images/rootfs/<id>.<fmt>`) of images that are gone.
+    /// Removes base disks of images that are gone, but never one that a Box's disk still backs
+    /// onto (its chain is walked; if any Box's chain cannot be read, nothing is removed).
     fn remove_unused_rootfs(&self, keep: &HashSet<&str>) -> Result<()> {
-        for entry in read_dir(&self.home.rootfs_dir())? {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let id = name.split('.').next().unwrap_or("");
-            if Digest::from_hex(id).is_ok() && !keep.contains(id) {
-                remove_path(&entry.path())?;
+        let box_ids: Vec<String> = {
+            let db = self.db.lock().expect("db");
+            let mut stmt = db.conn().prepare("SELECT id FROM boxes")?;
+            let ids = stmt
+                .query_map([], |row| row.get(0))?
+                .collect::<std::result::Result<_, _>>()?;
+            ids
+        };
+        let box_refs: Vec<&str> = box_ids.iter().map(String::as_str).collect();
+        let keep_ids: Vec<&str> = keep.iter().copied().collect();
+        let unused = match crate::rootfs::gc::unreferenced(&self.home, &keep_ids, &box_refs) {
+            Ok(unused) => unused,
+            Err(e) => {
+                tracing::warn!("keeping every base disk: a Box disk chain cannot be read: {e}");
+                return Ok(());
+            }
+        };
+        for path in unused {
+            let in_rootfs = path.parent() == Some(self.home.rootfs_dir().as_path());
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if in_rootfs && Digest::from_hex(&stem).is_ok() && !keep.contains(stem.as_str()) {
+                remove_path(&path)?;
+                let _ = std::fs::remove_file(path.with_extension("lock"));
             }
         }
         Ok(())
@@ -660,18 +683,6 @@ fn extracting(progress: &MultiProgress, digest: &Digest) -> ProgressBar {
     spinner.set_message("extracting");
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     spinner
-}
-
-fn read_dir(dir: &Path) -> Result<Vec<std::fs::DirEntry>> {
-    match std::fs::read_dir(dir) {
-        Ok(entries) => Ok(entries.filter_map(|e| e.ok()).collect()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(source) => Err(ImageError::Io {
-            action: "listing",
-            path: dir.to_path_buf(),
-            source,
-        }),
-    }
 }
 
 fn remove_path(path: &Path) -> Result<()> {
