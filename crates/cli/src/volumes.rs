@@ -3,6 +3,8 @@
 use anyhow::Context;
 use boxlite::home::Home;
 use boxlite::rootfs::size::{format_size, parse_size};
+use boxlite::runtime::record::release_stale_leases;
+use boxlite::state::Db;
 use boxlite::volumes::Volumes;
 use clap::{Args, Subcommand};
 
@@ -58,8 +60,12 @@ enum SnapshotCommand {
     Rm { name: String, snapshot: String },
 }
 
+/// The volume store, after releasing the leases of Boxes that are gone (a killed shim), so
+/// `ls` shows the true holders and `rm`, `snapshot` and `revert` are not refused for them.
 fn volumes() -> anyhow::Result<Volumes> {
     let home = Home::from_env().context("open the boxlite home folder")?;
+    let db = Db::open(&home).context("open the state database")?;
+    release_stale_leases(&db).context("release the volume leases of stopped boxes")?;
     Ok(Volumes::open(&home)?)
 }
 

@@ -185,9 +185,11 @@ impl LiteBox {
                         paths.shim_log().display()
                     ),
                 };
-                if matches!(self.record.state, BoxState::Starting) {
-                    let _ = BoxRecord::mark_exited(&db, &self.record.id, "boot failed", None);
-                }
+                // The shim is gone or on its way out; `ls` shows why the Box is not running.
+                let first_line = message.lines().next().unwrap_or_default();
+                let reason = format!("failed to start: {first_line}");
+                let _ = BoxRecord::mark_exited(&db, &self.record.id, &reason, None);
+                self.refresh()?;
                 Err(RuntimeError::Start {
                     name: self.record.name.clone(),
                     message,

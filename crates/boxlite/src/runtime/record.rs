@@ -6,6 +6,10 @@
 //! ```
 //! `running` is only believed while the shim process that claims it is alive; a dead shim turns
 //! the Box into `exited` with the reason recorded (see [`BoxRecord::reconcile`]).
+//!
+//! A Box that is not running holds no volume: every way out of `running` (the shim's own exit,
+//! `rm -f`, a dead shim found by `reconcile`) releases the Box's rows in `volume_leases` (the
+//! table `crate::volumes::store` keeps) in the same transaction that records the new state.
 
 use std::fmt;
 use std::str::FromStr;
@@ -36,6 +40,16 @@ impl fmt::Display for BoxState {
             BoxState::Stopping => "stopping",
             BoxState::Exited => "exited",
         })
+    }
+}
+
+impl BoxState {
+    /// Between start and exit: a shim owns (or is bringing up) the VM.
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            BoxState::Running | BoxState::Starting | BoxState::Stopping
+        )
     }
 }
 
@@ -162,9 +176,12 @@ impl BoxRecord {
         Ok(rows)
     }
 
+    /// Removes the Box's row and its volume leases.
     pub fn delete(db: &Db, id: &str) -> rusqlite::Result<()> {
-        db.conn().execute("DELETE FROM boxes WHERE id = ?1", [id])?;
-        Ok(())
+        let tx = db.conn().unchecked_transaction()?;
+        tx.execute("DELETE FROM boxes WHERE id = ?1", [id])?;
+        release_leases(&tx, id)?;
+        tx.commit()
     }
 
     /// The shim started and owns the VM.
@@ -185,28 +202,31 @@ impl BoxRecord {
         Ok(())
     }
 
-    /// The Box is no longer running, for `reason`.
+    /// The Box is no longer running, for `reason`; the volumes it held are free again.
     pub fn mark_exited(
         db: &Db,
         id: &str,
         reason: &str,
         exit_code: Option<i32>,
     ) -> rusqlite::Result<()> {
-        db.conn().execute(
+        let tx = db.conn().unchecked_transaction()?;
+        tx.execute(
             "UPDATE boxes SET state='exited', shim_pid=NULL, vmm_pid=NULL, exit_reason=?2,
              exit_code=?3, finished_at=?4 WHERE id=?1",
             params![id, reason, exit_code, now()],
         )?;
-        Ok(())
+        release_leases(&tx, id)?;
+        tx.commit()
+    }
+
+    /// Whether the Box is (or claims to be) between start and exit.
+    pub fn is_live(&self) -> bool {
+        self.state.is_live()
     }
 
     /// A Box that claims to run but whose shim is gone is recorded as exited, with the reason.
     pub fn reconcile(mut self, db: &Db) -> rusqlite::Result<BoxRecord> {
-        let live = matches!(
-            self.state,
-            BoxState::Running | BoxState::Starting | BoxState::Stopping
-        );
-        if live && !self.shim_pid.is_some_and(|pid| shim_alive(pid, &self.id)) {
+        if self.is_live() && !self.shim_pid.is_some_and(|pid| shim_alive(pid, &self.id)) {
             let reason = "shim process died unexpectedly";
             BoxRecord::mark_exited(db, &self.id, reason, None)?;
             self.state = BoxState::Exited;
@@ -216,6 +236,50 @@ impl BoxRecord {
         }
         Ok(self)
     }
+}
+
+/// Releases the volume leases of Boxes that no longer run: Boxes whose shim died (reconciled
+/// here) and Boxes removed while an older boxlite did not release their leases. Returns the ids
+/// of the Boxes whose leases were released.
+///
+/// A shim records its Box as `starting` before it acquires a lease, and acquiring takes the
+/// database's write lock, which the final pass here holds: a lease whose Box is not live in that
+/// pass is stale, never one being taken.
+pub fn release_stale_leases(db: &Db) -> rusqlite::Result<Vec<String>> {
+    for id in lease_holders(db.conn())? {
+        if let Some(record) = BoxRecord::get(db, &id)? {
+            record.reconcile(db)?;
+        }
+    }
+    let tx =
+        rusqlite::Transaction::new_unchecked(db.conn(), rusqlite::TransactionBehavior::Immediate)?;
+    let mut released = Vec::new();
+    for id in lease_holders(&tx)? {
+        let state: Option<String> = tx
+            .query_row("SELECT state FROM boxes WHERE id = ?1", [&id], |r| r.get(0))
+            .optional()?;
+        let live = state
+            .and_then(|s| s.parse::<BoxState>().ok())
+            .is_some_and(BoxState::is_live);
+        if !live {
+            release_leases(&tx, &id)?;
+            tracing::info!(box_id = %id, "released the volume leases of a box that is gone");
+            released.push(id);
+        }
+    }
+    tx.commit()?;
+    Ok(released)
+}
+
+fn lease_holders(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare("SELECT DISTINCT box_id FROM volume_leases ORDER BY box_id")?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
+    rows.collect()
+}
+
+fn release_leases(conn: &rusqlite::Connection, id: &str) -> rusqlite::Result<()> {
+    conn.execute("DELETE FROM volume_leases WHERE box_id = ?1", [id])?;
+    Ok(())
 }
 
 /// Whether `pid` is the shim of Box `id` (guards against a recycled pid).

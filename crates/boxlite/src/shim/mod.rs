@@ -77,6 +77,10 @@ fn boot_and_serve(args: &ShimArgs, ready: &mut Option<File>) -> Result<(), Strin
     std::fs::create_dir_all(&paths.sock_dir)
         .map_err(|e| format!("cannot create socket dir: {e}"))?;
 
+    // Recorded before any volume lease is taken: a lease whose Box is not live is stale.
+    BoxRecord::mark_starting(&db, &record.id, std::process::id())
+        .map_err(|e| format!("cannot record the starting state: {e}"))?;
+
     let assets = GuestAssets::locate().map_err(|e| e.to_string())?;
     let mut prepared = setup::prepare(&home, &record, &paths, args.accel, assets)?;
     let engine = QemuEngine::default();
