@@ -60,6 +60,13 @@ pub enum BoxCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Grow a stopped Box's disk (thin); its filesystem grows at the next start.
+    Resize {
+        #[arg(value_name = "BOX")]
+        name: String,
+        /// New virtual size, e.g. 20G (never smaller than now).
+        size: String,
+    },
     /// Port forwards of a Box: add and remove them while it runs, list them.
     Port {
         #[command(subcommand)]
@@ -252,6 +259,10 @@ pub fn run(cmd: BoxCommand) -> anyhow::Result<u8> {
             Ok(0)
         }
         BoxCommand::Port { command } => port(&rt, command),
+        BoxCommand::Resize { name, size } => {
+            rt.get(&name)?.grow_disk(parse_size(&size)?)?;
+            Ok(0)
+        }
     }
 }
 

@@ -201,3 +201,47 @@ fn image_prune_removes_a_base_disk_only_when_no_image_and_no_box_needs_it() {
         "the image's base stays"
     );
 }
+
+#[test]
+fn a_stopped_box_disk_grows_on_request_and_its_filesystem_follows() {
+    let env = Env::new();
+    let img = env.busybox();
+    env.ok(&[
+        "create",
+        "--name",
+        "grower",
+        "--disk-size",
+        "1G",
+        img,
+        "sleep",
+        "1000",
+    ]);
+    let out = env.run(&["resize", "grower", "512M"]);
+    assert_ne!(out.status.code(), Some(0), "shrinking is refused");
+
+    env.ok(&["resize", "grower", "3G"]);
+    env.ok(&["start", "grower"]);
+    let out = env.run(&["resize", "grower", "4G"]);
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "a running Box's disk is not resized"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("grower"));
+
+    let df = env.ok(&["exec", "grower", "df", "-k", "/"]);
+    let total_kib: u64 = df
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        total_kib > 2_800_000 && total_kib < 3_200_000,
+        "root filesystem follows the disk: {df}"
+    );
+    env.ok(&["rm", "-f", "grower"]);
+}

@@ -103,6 +103,18 @@ impl LiteBox {
         Ok(())
     }
 
+    /// Grows the stopped Box's disk to `size` bytes (virtual and thin: nothing is written now);
+    /// the guest's filesystem grows to fill it at the next start. Shrinking is refused.
+    pub fn grow_disk(&self, size: u64) -> Result<()> {
+        let record = self.with_stopped_disk("grow the disk", |disk| disk.grow(size))?;
+        let mut config = record.config;
+        config.disk_size = size;
+        let db = self.runtime.db()?;
+        BoxRecord::update_config(&db, &record.id, &config).map_err(RuntimeError::from)?;
+        info!(box_id = %record.id, size, "disk grown");
+        Ok(())
+    }
+
     /// Creates Box `new_name` (not started) with this stopped Box's configuration and current
     /// disk contents. The two share what was written so far; later writes of either stay its
     /// own. The clone gets its own id and MAC address, and its `HOSTNAME` follows its name.

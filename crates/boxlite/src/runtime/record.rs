@@ -177,6 +177,18 @@ impl BoxRecord {
     }
 
     /// Removes the Box's row and its volume leases.
+    /// Replaces the stored configuration of Box `id`.
+    pub fn update_config(db: &Db, id: &str, config: &BoxConfig) -> rusqlite::Result<()> {
+        db.conn().execute(
+            "UPDATE boxes SET config=?2 WHERE id=?1",
+            params![
+                id,
+                serde_json::to_string(config).expect("config serializes")
+            ],
+        )?;
+        Ok(())
+    }
+
     pub fn delete(db: &Db, id: &str) -> rusqlite::Result<()> {
         let tx = db.conn().unchecked_transaction()?;
         tx.execute("DELETE FROM boxes WHERE id = ?1", [id])?;
