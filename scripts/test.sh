@@ -14,4 +14,4 @@ bash scripts/build-assets.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --all-targets
-cargo test --workspace -- --test-threads="${BOXLITE_TEST_THREADS:-2}"
+cargo test --workspace --no-fail-fast -- --test-threads="${BOXLITE_TEST_THREADS:-2}"

@@ -70,13 +70,34 @@ impl Db {
     pub fn open_path(path: &Path) -> rusqlite::Result<Db> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(30))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        for stmt in SCHEMA {
-            conn.execute_batch(stmt)?;
+        // Switching to WAL and creating tables take locks that SQLite's busy handler does not
+        // always wait for (a second process opening a fresh home at the same moment gets
+        // SQLITE_BUSY at once), so the first-open steps retry for as long as the busy timeout.
+        let started = std::time::Instant::now();
+        loop {
+            match Db::initialise(&conn) {
+                Ok(()) => break,
+                Err(e) if is_busy(&e) && started.elapsed() < Duration::from_secs(30) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(Db { conn })
+    }
+
+    fn initialise(conn: &Connection) -> rusqlite::Result<()> {
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |row| row.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let tx = conn.unchecked_transaction()?;
+        for stmt in SCHEMA {
+            tx.execute_batch(stmt)?;
+        }
+        tx.commit()
     }
 
     pub fn conn(&self) -> &Connection {
@@ -85,5 +106,44 @@ impl Db {
 
     pub fn conn_mut(&mut self) -> &mut Connection {
         &mut self.conn
+    }
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn many_processes_opening_a_fresh_database_at_once_all_succeed() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("boxlite.db");
+            let openers: Vec<_> = (0..8)
+                .map(|_| {
+                    let path = path.clone();
+                    std::thread::spawn(move || Db::open_path(&path).map(|_| ()))
+                })
+                .collect();
+            for opener in openers {
+                opener
+                    .join()
+                    .unwrap()
+                    .expect("concurrent first opens must not fail as busy");
+            }
+            let db = Db::open_path(&path).unwrap();
+            let mode: String = db
+                .conn()
+                .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(mode, "wal");
+        }
     }
 }
