@@ -193,9 +193,15 @@ fn a_volume_outlives_its_box_has_one_writer_and_is_freed_by_stop_and_rm_force() 
         "a refused Box holds nothing"
     );
     let stderr = refused(&env, &["volume", "rm", "data"]);
-    assert!(stderr.contains("volume data is in use"), "{stderr}");
+    assert!(
+        stderr.contains("volume data is in use by box writer"),
+        "the refusal names the Box, not its id: {stderr}"
+    );
     let stderr = refused(&env, &["volume", "snapshot", "data", "s"]);
-    assert!(stderr.contains("volume data is in use"), "{stderr}");
+    assert!(
+        stderr.contains("volume data is in use by box writer"),
+        "{stderr}"
+    );
 
     // Stopped: the lease is gone and the disk is clean; the Box is removed.
     env.ok(&["stop", "writer"]);
@@ -248,6 +254,29 @@ fn a_volume_outlives_its_box_has_one_writer_and_is_freed_by_stop_and_rm_force() 
     check_every_volume(&env);
     env.ok(&["volume", "rm", "data"]);
     assert!(!env.home.path().join("volumes/data").exists());
+
+    // As with docker, `-v NAME:/path` creates a missing volume; it outlives the --rm Box.
+    env.ok(&[
+        "run",
+        "--rm",
+        "-v",
+        "fresh:/f",
+        img,
+        "sh",
+        "-c",
+        "echo kept > /f/note",
+    ]);
+    assert_eq!(holders(&env, "fresh"), vec![]);
+    let out = env.ok(&["run", "--rm", "-v", "fresh:/f:ro", img, "cat", "/f/note"]);
+    assert_eq!(out, "kept\n");
+    // A missing volume asked read-only is refused before anything is created.
+    let stderr = refused(&env, &["create", "-v", "nothing:/n:ro", img, "true"]);
+    assert!(
+        stderr.contains("no volume named nothing"),
+        "the error names the volume: {stderr}"
+    );
+    assert!(volumes(&env).iter().all(|v| v["name"] != "nothing"));
+    check_every_volume(&env);
 }
 
 #[test]

@@ -25,6 +25,7 @@ use crate::litebox::LiteBox;
 use crate::rootfs::disk::BoxDisk;
 use crate::state::Db;
 use crate::vmm::VmmError;
+use crate::volumes::{VolumeError, Volumes};
 use config::{BoxConfig, BoxOptions, RootfsSource};
 use paths::BoxPaths;
 use record::{BoxRecord, BoxState};
@@ -68,9 +69,15 @@ pub enum RuntimeError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Volume(Box<VolumeError>),
 }
 
 pub type Result<T> = std::result::Result<T, RuntimeError>;
+
+fn volume_err(e: VolumeError) -> RuntimeError {
+    RuntimeError::Volume(Box::new(e))
+}
 
 pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
     let context = context.into();
@@ -121,9 +128,11 @@ impl Runtime {
         }
         let resolved = image::resolve(&self.home, &opts)?;
         let (rootfs, defaults) = (resolved.source, resolved.defaults);
+        let created_volumes = self.ensure_volumes(&opts.mounts)?;
         let paths = BoxPaths::new(&self.home, &id);
         let cleanup = |e: RuntimeError| {
             let _ = std::fs::remove_dir_all(&paths.dir);
+            self.remove_volumes(&created_volumes);
             e
         };
         BoxDisk::create(
@@ -188,6 +197,66 @@ impl Runtime {
                 Err(cleanup(RuntimeError::NameInUse(name)))
             }
             Err(e) => Err(cleanup(e.into())),
+        }
+    }
+
+    /// Makes sure every named volume in `mounts` exists. As with `docker run -v NAME:/path`, a
+    /// missing volume attached read-write is created (empty, default size; the guest formats
+    /// it on first use); one attached read-only could never be formatted, so it must exist.
+    /// Returns the volumes created here.
+    fn ensure_volumes(&self, mounts: &[config::MountConfig]) -> Result<Vec<String>> {
+        let mut created = Vec::new();
+        let mut store = None;
+        for mount in mounts {
+            let config::MountConfig::Volume { name, readonly, .. } = mount else {
+                continue;
+            };
+            if store.is_none() {
+                store = Some(Volumes::open(&self.home).map_err(volume_err)?);
+            }
+            let volumes = store.as_mut().expect("opened above");
+            match volumes.get(name) {
+                Ok(_) => continue,
+                Err(VolumeError::NotFound(_)) if *readonly => {
+                    self.remove_volumes(&created);
+                    return Err(RuntimeError::Invalid(format!(
+                        "no volume named {name}: a volume attached read-only must exist \
+                         (create it with `boxlite volume create {name}`)"
+                    )));
+                }
+                Err(VolumeError::NotFound(_)) => {}
+                Err(e) => {
+                    self.remove_volumes(&created);
+                    return Err(volume_err(e));
+                }
+            }
+            match volumes.create(name, None, None) {
+                Ok(_) => {
+                    tracing::info!(volume = %name, "created volume for the box");
+                    created.push(name.clone());
+                }
+                // Another Box created it at the same moment: it exists, which is all we need.
+                Err(VolumeError::Exists(_)) => {}
+                Err(e) => {
+                    self.remove_volumes(&created);
+                    return Err(volume_err(e));
+                }
+            }
+        }
+        Ok(created)
+    }
+
+    /// Removes volumes [`Self::ensure_volumes`] created for a Box whose creation failed.
+    fn remove_volumes(&self, names: &[String]) {
+        if names.is_empty() {
+            return;
+        }
+        if let Ok(mut volumes) = Volumes::open(&self.home) {
+            for name in names {
+                if let Err(e) = volumes.remove(name) {
+                    tracing::warn!(volume = %name, "removing a volume created for a failed box: {e}");
+                }
+            }
         }
     }
 

@@ -96,7 +96,7 @@ pub fn attach(
                 let store = volumes.as_mut().expect("opened above");
                 let lease = store
                     .acquire(name, &record.id, !readonly)
-                    .map_err(|e| explain_acquire_error(home, name, e))?;
+                    .map_err(|e| explain_acquire_error(name, e))?;
                 helpers.leased.push(name.clone());
                 vm.disks.push(DiskSpec {
                     path: lease.path.clone(),
@@ -172,25 +172,17 @@ fn open_volumes(home: &Home) -> Result<Volumes, String> {
 }
 
 /// A refused attach in the user's words: the holder by name, what to do about it.
-fn explain_acquire_error(home: &Home, name: &str, error: VolumeError) -> String {
+fn explain_acquire_error(name: &str, error: VolumeError) -> String {
     match error {
         VolumeError::Conflict {
             holder,
             mode,
             wanted,
             ..
-        } => {
-            let holder_name = Db::open(home)
-                .ok()
-                .and_then(|db| BoxRecord::get(&db, &holder).ok().flatten())
-                .map(|r| r.name)
-                .unwrap_or_else(|| holder.clone());
-            format!(
-                "volume {name} is attached {mode} to running box {holder_name}; it cannot also \
-                 be attached {wanted} (stop or remove {holder_name} first, or attach {name} \
-                 read-only in both)"
-            )
-        }
+        } => format!(
+            "volume {name} is attached {mode} to running box {holder}; it cannot also be \
+             attached {wanted} (stop or remove {holder} first, or attach {name} read-only in both)"
+        ),
         other => {
             let text = chain(&other);
             if text.contains(name) {

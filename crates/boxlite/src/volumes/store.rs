@@ -107,6 +107,8 @@ fn disk_err(name: &str) -> impl FnOnce(Qcow2Error) -> VolumeError + '_ {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Holder {
     pub box_id: String,
+    /// The Box's name (its id when the Box record is gone).
+    pub box_name: String,
     pub read_write: bool,
 }
 
@@ -225,7 +227,7 @@ impl Volumes {
                 if let Some(writer) = holders(&tx, b)?.into_iter().find(|h| h.read_write) {
                     return Err(VolumeError::InUse {
                         name: b.to_string(),
-                        boxes: format!("{} (read-write)", writer.box_id),
+                        boxes: format!("{} (read-write)", writer.box_name),
                     });
                 }
                 let size = size.unwrap_or(backing_size);
@@ -381,10 +383,10 @@ impl Volumes {
             if h.box_id == box_id || h.read_write || read_write {
                 return Err(VolumeError::Conflict {
                     name: name.to_string(),
-                    holder: h.box_id,
+                    holder: h.box_name,
                     mode: mode(h.read_write),
                     wanted: mode(read_write),
-                    box_id: box_id.to_string(),
+                    box_id: box_name(&tx, box_id)?,
                 });
             }
         }
@@ -473,15 +475,26 @@ fn row(conn: &rusqlite::Connection, name: &str) -> Result<Option<Row>> {
 
 fn holders(conn: &rusqlite::Connection, name: &str) -> Result<Vec<Holder>> {
     let mut stmt = conn.prepare(
-        "SELECT box_id, read_write FROM volume_leases WHERE volume = ?1 ORDER BY acquired_at, box_id",
+        "SELECT l.box_id, COALESCE(b.name, l.box_id), l.read_write
+         FROM volume_leases l LEFT JOIN boxes b ON b.id = l.box_id
+         WHERE l.volume = ?1 ORDER BY l.acquired_at, l.box_id",
     )?;
     let rows = stmt.query_map([name], |r| {
         Ok(Holder {
             box_id: r.get(0)?,
-            read_write: r.get(1)?,
+            box_name: r.get(1)?,
+            read_write: r.get(2)?,
         })
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The name of Box `id`, or the id itself when no Box record has it.
+fn box_name(conn: &rusqlite::Connection, id: &str) -> Result<String> {
+    Ok(conn
+        .query_row("SELECT name FROM boxes WHERE id = ?1", [id], |r| r.get(0))
+        .optional()?
+        .unwrap_or_else(|| id.to_string()))
 }
 
 fn refuse_if_held(conn: &rusqlite::Connection, name: &str) -> Result<()> {
@@ -493,7 +506,7 @@ fn refuse_if_held(conn: &rusqlite::Connection, name: &str) -> Result<()> {
         name: name.to_string(),
         boxes: held
             .iter()
-            .map(|h| h.box_id.as_str())
+            .map(|h| h.box_name.as_str())
             .collect::<Vec<_>>()
             .join(", "),
     })
