@@ -45,22 +45,26 @@ sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a - b }'; }
 div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
 umoci_times=() cold_times=() link_times=() extract_times=()
+# Every run writes fresh directories and nothing is deleted until the end: ext4 skips recently
+# freed inodes when it allocates, so deleting a tree right before a run slows that run's file
+# creation several times over and turns the table into noise.
+rm -rf run-*; sync
 for i in $(seq "$runs"); do
-  rm -rf ref home out out-link; sync
-  t0=$(now); umoci unpack --image layout:img ref >/dev/null; t1=$(now)
+  sync
+  t0=$(now); umoci unpack --image layout:img "run-$i-ref" >/dev/null; t1=$(now)
   umoci_times+=("$(sub "$t1" "$t0")")
 
-  rm -rf home out out-link; sync
-  t0=$(now); res=$("$unpack" layout img out --home home --mode copy); t1=$(now)
+  sync
+  t0=$(now); res=$("$unpack" layout img "run-$i-out" --home "run-$i-home" --mode copy); t1=$(now)
   cold_times+=("$(sub "$t1" "$t0")")
   extract_times+=("$(echo "$res" | awk '/^extract/ {print $2}')")
 
-  t0=$(now); "$unpack" layout img out-link --home home --mode link >/dev/null; t1=$(now)
+  t0=$(now); "$unpack" layout img "run-$i-link" --home "run-$i-home" --mode link >/dev/null; t1=$(now)
   link_times+=("$(sub "$t1" "$t0")")
 done
 # Same tree as umoci's? (paths, types, modes, owners, content, link targets, devices, xattrs,
 # mtimes, hardlink groups)
-python3 - ref/rootfs out out-link <<'PY'
+python3 - run-1-ref/rootfs run-1-out run-1-link <<'PY'
 import hashlib, os, stat, sys
 def walk(root):
     out, inodes = {}, {}
@@ -81,7 +85,7 @@ for tree in sys.argv[2:]:
     print(f"check: {tree} vs umoci: {len(ours)} paths, {len(bad)} differences {bad[:5]}", file=sys.stderr)
     if bad: sys.exit(1)
 PY
-rm -rf ref home out out-link
+rm -rf run-*
 
 u=$(printf '%s\n' "${umoci_times[@]}" | median)
 c=$(printf '%s\n' "${cold_times[@]}" | median)
