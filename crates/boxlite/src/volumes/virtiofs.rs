@@ -189,13 +189,19 @@ pub struct ShareOptions {
     /// `--sandbox`: `namespace` when running as root, else `none` (an unprivileged virtiofsd
     /// cannot set up its mount namespace without user-namespace mappings).
     pub sandbox: String,
+    /// Host user and group that the guest's root stands for (`--translate-uid/gid map:0:ID:1`),
+    /// set when running unprivileged, as rootless podman does: files the host user owns show
+    /// as root's in the guest, and files guest root creates or chowns to root belong to the
+    /// host user. Root runs untranslated.
+    pub root_as: Option<(u32, u32)>,
 }
 
 impl ShareOptions {
     /// Defaults for `tag` and `socket_path`.
     pub fn new(tag: &str, socket_path: &Path) -> ShareOptions {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
+        // SAFETY: geteuid and getegid have no preconditions and cannot fail.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let root = uid == 0;
         ShareOptions {
             tag: tag.to_string(),
             socket_path: socket_path.to_path_buf(),
@@ -203,8 +209,30 @@ impl ShareOptions {
             cache: "auto".to_string(),
             log_level: "info".to_string(),
             sandbox: if root { "namespace" } else { "none" }.to_string(),
+            root_as: (!root).then_some((uid, gid)),
         }
     }
+}
+
+/// Translation rules that make host id `id` the guest's 0 and every other host id the guest's
+/// `nobody` (65534), so that nothing the host user does not own looks like root's in the guest.
+fn root_as_args(flag: &str, id: u32) -> Vec<String> {
+    const NOBODY: u32 = 65534;
+    let mut rules = vec![format!("map:0:{id}:1")];
+    if id > 0 {
+        rules.push(format!("squash-host:0:{NOBODY}:{id}"));
+    }
+    if id < u32::MAX - 1 {
+        rules.push(format!(
+            "squash-host:{}:{NOBODY}:{}",
+            id + 1,
+            u32::MAX - 1 - id
+        ));
+    }
+    rules
+        .into_iter()
+        .flat_map(|r| [flag.to_string(), r])
+        .collect()
 }
 
 /// A running virtiofsd serving one share. Killed when dropped (it also exits by itself once
@@ -268,6 +296,10 @@ impl Virtiofsd {
             .arg(&options.log_level);
         if plan.readonly {
             cmd.arg("--readonly");
+        }
+        if let Some((uid, gid)) = options.root_as {
+            cmd.args(root_as_args("--translate-uid", uid))
+                .args(root_as_args("--translate-gid", gid));
         }
         let child = cmd
             .stdin(Stdio::null())
