@@ -25,7 +25,6 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -35,7 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::net::framing::FrameDecoder;
 use crate::net::{
-    format_mac, NetworkBackend, NetworkConfig, NetworkError, NetworkKind, NetworkMetrics,
+    FrameCounters, NetworkBackend, NetworkConfig, NetworkError, NetworkKind, NetworkMetrics,
     NetworkOptions, PortForward, Protocol, Result, Topology,
 };
 
@@ -151,14 +150,6 @@ fn in_addr(ip: Ipv4Addr) -> libc::in_addr {
     }
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    tx_bytes: AtomicU64,
-    tx_packets: AtomicU64,
-    rx_bytes: AtomicU64,
-    rx_packets: AtomicU64,
-}
-
 #[derive(Debug)]
 enum Command {
     Add(PortForward, Sender<Result<PortForward>>),
@@ -177,7 +168,7 @@ struct Running {
 #[derive(Debug)]
 pub struct Libslirp {
     options: NetworkOptions,
-    counters: Arc<Counters>,
+    counters: Arc<FrameCounters>,
     forwards: Arc<Mutex<Vec<PortForward>>>,
     running: Mutex<Option<Running>>,
 }
@@ -269,17 +260,11 @@ impl NetworkBackend for Libslirp {
             thread: Some(thread),
         });
         info!(socket = %path.display(), "libslirp started");
-        Ok(NetworkConfig {
-            kind: NetworkKind::Libslirp,
-            socket_path: Some(path),
-            guest_mac: format_mac(Topology::GUEST_MAC),
-            guest_ip: Topology::GUEST,
-            gateway: Topology::GATEWAY,
-            prefix_len: Topology::PREFIX_LEN,
-            dns: vec![Topology::GATEWAY],
-            mtu: Topology::MTU,
-            port_forwards: self.port_forwards(),
-        })
+        Ok(NetworkConfig::user_mode(
+            NetworkKind::Libslirp,
+            path,
+            self.port_forwards(),
+        ))
     }
 
     fn stop(&mut self) -> Result<()> {
@@ -298,14 +283,7 @@ impl NetworkBackend for Libslirp {
     }
 
     fn metrics(&self) -> NetworkMetrics {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        NetworkMetrics {
-            tx_bytes: g(&self.counters.tx_bytes),
-            tx_packets: g(&self.counters.tx_packets),
-            rx_bytes: g(&self.counters.rx_bytes),
-            rx_packets: g(&self.counters.rx_packets),
-            ..NetworkMetrics::default()
-        }
+        self.counters.metrics()
     }
 
     fn add_port_forward(&self, forward: PortForward) -> Result<PortForward> {
@@ -334,7 +312,7 @@ struct LoopSetup {
     allow_host: bool,
     hostname: Option<String>,
     forwards: Vec<PortForward>,
-    counters: Arc<Counters>,
+    counters: Arc<FrameCounters>,
     forward_list: Arc<Mutex<Vec<PortForward>>>,
     /// Upstream resolvers of the DNS override; empty: libslirp's own DNS.
     dns_override: Vec<SocketAddr>,
@@ -384,7 +362,7 @@ struct Timer {
 /// What libslirp's callbacks reach through their opaque pointer; lives on the loop thread.
 struct CbState {
     qemu: Option<UnixStream>,
-    counters: Arc<Counters>,
+    counters: Arc<FrameCounters>,
     start: Instant,
     timers: Vec<*mut Timer>,
     pollfds: Vec<libc::pollfd>,
@@ -399,10 +377,7 @@ unsafe extern "C" fn cb_send_packet(buf: *const c_void, len: usize, opaque: *mut
         let mut framed = Vec::with_capacity(len + 4);
         crate::net::framing::encode_into(&mut framed, frame);
         if q.write_all(&framed).is_ok() {
-            st.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
-            st.counters
-                .rx_bytes
-                .fetch_add(len as u64, Ordering::Relaxed);
+            st.counters.count_rx(len);
         }
     }
     len as isize
@@ -758,11 +733,7 @@ fn run(setup: LoopSetup, commands: Receiver<Command>, ready: Sender<Result<()>>)
                     Some(Ok(n)) => {
                         decoder.push(&buf[..n]);
                         while let Ok(Some(frame)) = decoder.next_frame() {
-                            setup.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
-                            setup
-                                .counters
-                                .tx_bytes
-                                .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                            setup.counters.count_tx(frame.len());
                             if !setup.dns_override.is_empty() {
                                 if let Some((mac, guest, query)) = dns_query(&frame) {
                                     if dns_in_flight < 64

@@ -20,6 +20,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -270,6 +271,42 @@ impl Topology {
     pub const GATEWAY_MAC: [u8; 6] = [0x52, 0x55, 0xc0, 0xa8, 0x7f, 0x01];
 }
 
+/// Frame counters of the backends that relay frames to a stack they do not own (libslirp,
+/// passt): `tx` is from the guest, `rx` to it.
+#[derive(Debug, Default)]
+pub(crate) struct FrameCounters {
+    tx_bytes: AtomicU64,
+    tx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    rx_packets: AtomicU64,
+}
+
+impl FrameCounters {
+    /// Counts one frame of `len` bytes from the guest.
+    pub(crate) fn count_tx(&self, len: usize) {
+        self.tx_packets.fetch_add(1, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one frame of `len` bytes to the guest.
+    pub(crate) fn count_rx(&self, len: usize) {
+        self.rx_packets.fetch_add(1, Ordering::Relaxed);
+        self.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    /// The counts so far; the fields these backends cannot observe stay 0.
+    pub(crate) fn metrics(&self) -> NetworkMetrics {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NetworkMetrics {
+            tx_bytes: g(&self.tx_bytes),
+            tx_packets: g(&self.tx_packets),
+            rx_bytes: g(&self.rx_bytes),
+            rx_packets: g(&self.rx_packets),
+            ..NetworkMetrics::default()
+        }
+    }
+}
+
 /// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: [u8; 6]) -> String {
     mac.iter()
@@ -337,6 +374,26 @@ pub struct NetworkConfig {
 }
 
 impl NetworkConfig {
+    /// What a user-mode backend of `kind` listening on `socket_path` hands out: the Box
+    /// [`Topology`], the gateway as resolver, and `port_forwards`.
+    pub(crate) fn user_mode(
+        kind: NetworkKind,
+        socket_path: PathBuf,
+        port_forwards: Vec<PortForward>,
+    ) -> NetworkConfig {
+        NetworkConfig {
+            kind,
+            socket_path: Some(socket_path),
+            guest_mac: format_mac(Topology::GUEST_MAC),
+            guest_ip: Topology::GUEST,
+            gateway: Topology::GATEWAY,
+            prefix_len: Topology::PREFIX_LEN,
+            dns: vec![Topology::GATEWAY],
+            mtu: Topology::MTU,
+            port_forwards,
+        }
+    }
+
     /// QEMU arguments attaching the NIC to this backend (empty for `none`).
     pub fn qemu_args(&self) -> Vec<String> {
         let Some(path) = &self.socket_path else {

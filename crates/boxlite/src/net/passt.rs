@@ -14,7 +14,7 @@ use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,20 +22,12 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info};
 
 use crate::net::{
-    format_mac, NetworkBackend, NetworkConfig, NetworkError, NetworkKind, NetworkMetrics,
+    FrameCounters, NetworkBackend, NetworkConfig, NetworkError, NetworkKind, NetworkMetrics,
     NetworkOptions, PortForward, Protocol, Result, Topology,
 };
 
 /// UID/GID passt drops to when started as root (Debian's `nobody`).
 const NOBODY: u32 = 65534;
-
-#[derive(Debug, Default)]
-struct Counters {
-    tx_bytes: AtomicU64,
-    tx_packets: AtomicU64,
-    rx_bytes: AtomicU64,
-    rx_packets: AtomicU64,
-}
 
 #[derive(Debug)]
 struct Running {
@@ -49,7 +41,7 @@ struct Running {
 #[derive(Debug)]
 pub struct Passt {
     options: NetworkOptions,
-    counters: Arc<Counters>,
+    counters: Arc<FrameCounters>,
     forwards: Vec<PortForward>,
     running: Option<Running>,
 }
@@ -223,17 +215,7 @@ impl NetworkBackend for Passt {
             private_dir,
         });
         info!(socket = %path.display(), "passt started");
-        Ok(NetworkConfig {
-            kind: NetworkKind::Passt,
-            socket_path: Some(path),
-            guest_mac: format_mac(Topology::GUEST_MAC),
-            guest_ip: Topology::GUEST,
-            gateway: Topology::GATEWAY,
-            prefix_len: Topology::PREFIX_LEN,
-            dns: vec![Topology::GATEWAY],
-            mtu: Topology::MTU,
-            port_forwards: forwards,
-        })
+        Ok(NetworkConfig::user_mode(NetworkKind::Passt, path, forwards))
     }
 
     fn stop(&mut self) -> Result<()> {
@@ -253,14 +235,7 @@ impl NetworkBackend for Passt {
     }
 
     fn metrics(&self) -> NetworkMetrics {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        NetworkMetrics {
-            tx_bytes: g(&self.counters.tx_bytes),
-            tx_packets: g(&self.counters.tx_packets),
-            rx_bytes: g(&self.counters.rx_bytes),
-            rx_packets: g(&self.counters.rx_packets),
-            ..NetworkMetrics::default()
-        }
+        self.counters.metrics()
     }
 
     fn add_port_forward(&self, forward: PortForward) -> Result<PortForward> {
@@ -289,7 +264,12 @@ impl Drop for Passt {
 }
 
 /// Accepts the VMM (one at a time) and relays it to passt until told to stop.
-fn accept_loop(listener: UnixListener, passt_sock: &Path, counters: &Counters, stop: &AtomicBool) {
+fn accept_loop(
+    listener: UnixListener,
+    passt_sock: &Path,
+    counters: &FrameCounters,
+    stop: &AtomicBool,
+) {
     let _ = listener.set_nonblocking(true);
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
@@ -306,28 +286,16 @@ fn accept_loop(listener: UnixListener, passt_sock: &Path, counters: &Counters, s
 }
 
 /// Copies frames both ways until either side closes; counts them as they pass.
-fn relay(vmm: UnixStream, passt: UnixStream, counters: &Counters, stop: &AtomicBool) {
+fn relay(vmm: UnixStream, passt: UnixStream, counters: &FrameCounters, stop: &AtomicBool) {
     let (Ok(vmm2), Ok(passt2)) = (vmm.try_clone(), passt.try_clone()) else {
         return;
     };
     std::thread::scope(|s| {
         s.spawn(|| {
-            copy_counting(
-                &vmm,
-                &passt2,
-                &counters.tx_bytes,
-                &counters.tx_packets,
-                stop,
-            );
+            copy_counting(&vmm, &passt2, &|len| counters.count_tx(len), stop);
             let _ = passt2.shutdown(std::net::Shutdown::Both);
         });
-        copy_counting(
-            &passt,
-            &vmm2,
-            &counters.rx_bytes,
-            &counters.rx_packets,
-            stop,
-        );
+        copy_counting(&passt, &vmm2, &|len| counters.count_rx(len), stop);
         let _ = vmm2.shutdown(std::net::Shutdown::Both);
         let _ = vmm.shutdown(std::net::Shutdown::Both);
     });
@@ -336,8 +304,7 @@ fn relay(vmm: UnixStream, passt: UnixStream, counters: &Counters, stop: &AtomicB
 fn copy_counting(
     mut from: &UnixStream,
     mut to: &UnixStream,
-    bytes: &AtomicU64,
-    packets: &AtomicU64,
+    count: &dyn Fn(usize),
     stop: &AtomicBool,
 ) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(200)));
@@ -377,8 +344,7 @@ fn copy_counting(
             if header_have == 4 {
                 header_have = 0;
                 body_left = u32::from_be_bytes(header) as usize;
-                bytes.fetch_add(body_left as u64, Ordering::Relaxed);
-                packets.fetch_add(1, Ordering::Relaxed);
+                count(body_left);
             }
         }
     }

@@ -36,8 +36,8 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::net::{
-    format_mac, host_resolvers, NetworkBackend, NetworkConfig, NetworkError, NetworkKind,
-    NetworkMetrics, NetworkOptions, PortForward, Result, Topology,
+    host_resolvers, NetworkBackend, NetworkConfig, NetworkError, NetworkKind, NetworkMetrics,
+    NetworkOptions, PortForward, Result,
 };
 
 /// How long a NAT'ed UDP flow lives without traffic.
@@ -192,17 +192,11 @@ impl NetworkBackend for Usernet {
             thread: Some(thread),
         });
         info!(socket = %path.display(), "usernet started");
-        Ok(NetworkConfig {
-            kind: NetworkKind::Usernet,
-            socket_path: Some(path),
-            guest_mac: format_mac(Topology::GUEST_MAC),
-            guest_ip: Topology::GUEST,
-            gateway: Topology::GATEWAY,
-            prefix_len: Topology::PREFIX_LEN,
-            dns: vec![Topology::GATEWAY],
-            mtu: Topology::MTU,
-            port_forwards: self.port_forwards(),
-        })
+        Ok(NetworkConfig::user_mode(
+            NetworkKind::Usernet,
+            path,
+            self.port_forwards(),
+        ))
     }
 
     fn stop(&mut self) -> Result<()> {
