@@ -22,7 +22,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -499,24 +499,6 @@ unsafe extern "C" fn cb_get_revents(idx: c_int, opaque: *mut c_void) -> c_int {
     r
 }
 
-/// Picks the host port for a forward asking for port 0 by binding and releasing it.
-fn resolve_port(f: PortForward) -> Result<PortForward> {
-    if f.host_port != 0 {
-        return Ok(f);
-    }
-    let addr = SocketAddr::new(f.host_ip, 0);
-    let port = match f.protocol {
-        Protocol::Tcp => TcpListener::bind(addr).and_then(|l| l.local_addr()),
-        Protocol::Udp => UdpSocket::bind(addr).and_then(|s| s.local_addr()),
-    }
-    .map_err(|source| NetworkError::BindForward { forward: f, source })?
-    .port();
-    Ok(PortForward {
-        host_port: port,
-        ..f
-    })
-}
-
 fn host_v4(f: &PortForward) -> Result<Ipv4Addr> {
     match f.host_ip {
         IpAddr::V4(ip) => Ok(ip),
@@ -529,7 +511,7 @@ fn host_v4(f: &PortForward) -> Result<Ipv4Addr> {
 
 fn add_hostfwd(slirp: *mut ffi::Slirp, f: PortForward) -> Result<PortForward> {
     let ip = host_v4(&f)?;
-    let f = resolve_port(f)?;
+    let f = crate::net::resolve_port(f)?;
     // SAFETY: slirp is the live instance owned by this thread.
     let rc = unsafe {
         ffi::slirp_add_hostfwd(

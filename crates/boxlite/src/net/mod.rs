@@ -307,6 +307,25 @@ impl FrameCounters {
     }
 }
 
+/// `f` with a free host port in place of port 0 (bound, read and released), for the backends
+/// that hand the port to a stack of their own (libslirp, passt).
+pub(crate) fn resolve_port(f: PortForward) -> Result<PortForward> {
+    if f.host_port != 0 {
+        return Ok(f);
+    }
+    let addr = SocketAddr::new(f.host_ip, 0);
+    let port = match f.protocol {
+        Protocol::Tcp => std::net::TcpListener::bind(addr).and_then(|l| l.local_addr()),
+        Protocol::Udp => std::net::UdpSocket::bind(addr).and_then(|s| s.local_addr()),
+    }
+    .map_err(|source| NetworkError::BindForward { forward: f, source })?
+    .port();
+    Ok(PortForward {
+        host_port: port,
+        ..f
+    })
+}
+
 /// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: [u8; 6]) -> String {
     mac.iter()

@@ -10,7 +10,6 @@
 //! forwards become `-t`/`-u` options at start; passt cannot change them while running.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -65,24 +64,6 @@ fn spawn_err(reason: impl Into<String>, source: Option<io::Error>) -> NetworkErr
     }
 }
 
-/// Picks a free host port for a forward asking for port 0 (bind, read, release).
-fn resolve_port(f: PortForward) -> Result<PortForward> {
-    if f.host_port != 0 {
-        return Ok(f);
-    }
-    let addr = SocketAddr::new(f.host_ip, 0);
-    let port = match f.protocol {
-        Protocol::Tcp => TcpListener::bind(addr).and_then(|l| l.local_addr()),
-        Protocol::Udp => UdpSocket::bind(addr).and_then(|s| s.local_addr()),
-    }
-    .map_err(|source| NetworkError::BindForward { forward: f, source })?
-    .port();
-    Ok(PortForward {
-        host_port: port,
-        ..f
-    })
-}
-
 /// passt's `-t`/`-u` spec for one forward: `ADDR/HOSTPORT:GUESTPORT`.
 fn forward_spec(f: &PortForward) -> String {
     format!("{}/{}:{}", f.host_ip, f.host_port, f.guest_port)
@@ -130,7 +111,7 @@ impl NetworkBackend for Passt {
             .options
             .port_forwards
             .iter()
-            .map(|f| resolve_port(*f))
+            .map(|f| crate::net::resolve_port(*f))
             .collect::<Result<Vec<_>>>()?;
         let mut cmd = Command::new("passt");
         cmd.arg("--foreground")
