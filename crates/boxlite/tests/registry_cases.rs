@@ -13,33 +13,9 @@ use std::path::Path;
 use boxlite::home::Home;
 use boxlite::images::digest::Digest;
 use boxlite::images::manager::ImageManager;
-use boxlite::images::pull::PullOptions;
 use boxlite::images::registry::{Credential, ImageSettings};
+use registry::{chain, manager, quiet};
 use scripted::{digest_of, Logged, Reply, Scripted};
-
-fn manager() -> (tempfile::TempDir, ImageManager) {
-    let dir = tempfile::tempdir().unwrap();
-    let images = ImageManager::new(&Home::open(dir.path()).unwrap()).unwrap();
-    (dir, images)
-}
-
-fn quiet() -> PullOptions {
-    PullOptions {
-        quiet: true,
-        ..PullOptions::default()
-    }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
 
 fn json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()

@@ -7,37 +7,10 @@ mod registry;
 #[path = "support/testimages.rs"]
 mod testimages;
 
-use boxlite::home::Home;
-use boxlite::images::manager::ImageManager;
 use boxlite::images::manifest::Platform;
 use boxlite::images::pull::PullOptions;
 use boxlite::images::registry::Credential;
-use registry::{Auth, Registry};
-
-fn manager() -> (tempfile::TempDir, ImageManager) {
-    let dir = tempfile::tempdir().unwrap();
-    let home = Home::open(dir.path()).unwrap();
-    let images = ImageManager::new(&home).unwrap();
-    (dir, images)
-}
-
-fn quiet() -> PullOptions {
-    PullOptions {
-        quiet: true,
-        ..PullOptions::default()
-    }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+use registry::{chain, manager, quiet, Auth, Registry};
 
 #[test]
 fn pull_records_the_image_and_its_blobs() {

@@ -17,6 +17,34 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 
+/// An image manager in a home of its own (the folder goes when the first value is dropped).
+pub fn manager() -> (tempfile::TempDir, boxlite::images::manager::ImageManager) {
+    let dir = tempfile::tempdir().unwrap();
+    let home = boxlite::home::Home::open(dir.path()).unwrap();
+    let images = boxlite::images::manager::ImageManager::new(&home).unwrap();
+    (dir, images)
+}
+
+/// Pull options without progress output.
+pub fn quiet() -> boxlite::images::pull::PullOptions {
+    boxlite::images::pull::PullOptions {
+        quiet: true,
+        ..Default::default()
+    }
+}
+
+/// An error with all its sources, `: `-separated, as the CLI prints it.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// How the registry wants clients to authenticate.
 #[derive(Debug, Clone)]
 pub enum Auth {
