@@ -12,14 +12,24 @@
 //! net_probe udp-rtt IP:PORT N         N round trips of 64 bytes: p50 and p99 in microseconds
 //! net_probe connect IP:PORT [SECS]    one TCP connect: `connected` or `refused in N ms`
 //! net_probe dns-tcp IP:PORT NAME      an A query over TCP (RFC 7766): answer count and TC bit
+//! net_probe httpd PORT DIR            serves DIR's files over HTTP/1.0 from a background process
 //! ```
+//!
+//! `httpd` exists because busybox httpd listens with a backlog of 9: a burst of connects (a
+//! hundred requests put in flight at once through a port forward) overflows the guest's accept
+//! queue, and the dropped SYNs turn into retransmits or resets that say nothing about the
+//! network backend under test. This one listens with a backlog of 1024 and serves every
+//! connection on a thread of its own.
 
 #[path = "../src/dhcp.rs"]
 mod dhcp;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
 use std::time::Duration;
+
+use nix::sys::socket::{self as sock, AddressFamily, SockFlag, SockType, SockaddrIn};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -41,6 +51,7 @@ fn main() {
         "connect" => connect(addr(), arg(2).parse().unwrap_or(30)),
         "udp-rtt" => udp_rtt(addr(), n(2)),
         "dns-tcp" => dns_tcp(addr(), &arg(2)),
+        "httpd" => httpd(arg(1).parse().expect("a port"), arg(2).into()),
         other => Err(format!("unknown command {other:?}")),
     };
     match result {
@@ -180,4 +191,86 @@ fn udp_rtt(to: SocketAddr, n: usize) -> Result<String, String> {
     rtts.sort_unstable();
     let pct = |p: usize| rtts[(rtts.len() * p / 100).min(rtts.len() - 1)];
     Ok(format!("p50_us={} p99_us={}", pct(50), pct(99)))
+}
+
+/// Binds `port` with a deep accept queue, then serves `dir` from a forked child; the parent
+/// returns once the port listens, so the next command of a script can rely on it.
+fn httpd(port: u16, dir: PathBuf) -> Result<String, String> {
+    let listener = listen(port, 1024).map_err(|e| format!("listen on {port}: {e}"))?;
+    // SAFETY: this process has a single thread here, so the child may do anything.
+    match unsafe { nix::unistd::fork() }.map_err(|e| e.to_string())? {
+        nix::unistd::ForkResult::Parent { .. } => Ok(format!("listening on {port}")),
+        nix::unistd::ForkResult::Child => {
+            // Let go of the caller's stdout: a shell's `$(...)` waits for every writer to close.
+            if let Ok(null) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
+                for fd in 0..3 {
+                    let _ = nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd);
+                }
+            }
+            for conn in listener.incoming().flatten() {
+                let dir = dir.clone();
+                std::thread::spawn(move || serve_one(conn, &dir));
+            }
+            std::process::exit(0);
+        }
+    }
+}
+
+fn listen(port: u16, backlog: i32) -> nix::Result<TcpListener> {
+    let fd = sock::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    sock::setsockopt(&fd, sock::sockopt::ReuseAddr, &true)?;
+    sock::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(0, 0, 0, 0, port),
+    )?;
+    sock::listen(&fd, sock::Backlog::new(backlog)?)?;
+    Ok(TcpListener::from(fd))
+}
+
+/// Answers one `GET /NAME HTTP/1.x` with the file's bytes (or 404), then closes.
+fn serve_one(mut conn: TcpStream, dir: &std::path::Path) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    let req = String::from_utf8_lossy(&req);
+    let mut words = req.split_whitespace();
+    let body = match (words.next(), words.next()) {
+        (Some("GET"), Some(path)) if !path.contains("..") => {
+            std::fs::read(dir.join(path.trim_start_matches('/'))).ok()
+        }
+        _ => None,
+    };
+    let reply = match body {
+        Some(body) => {
+            let mut r = format!(
+                "HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n\
+                 Content-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            r.extend_from_slice(&body);
+            r
+        }
+        None => b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+    };
+    let _ = conn.write_all(&reply);
+    // Close only after the client's FIN: a FIN arriving at an already closed socket whose
+    // TIME_WAIT slot could not be had (a small guest runs out of them quickly) draws a reset.
+    let _ = conn.shutdown(Shutdown::Write);
+    let _ = conn.read(&mut buf);
 }

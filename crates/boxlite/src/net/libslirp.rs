@@ -529,7 +529,73 @@ fn add_hostfwd(slirp: *mut ffi::Slirp, f: PortForward) -> Result<PortForward> {
             source: io::Error::last_os_error(),
         });
     }
+    if f.protocol == Protocol::Tcp {
+        deepen_accept_queue(SocketAddrV4::new(ip, f.host_port));
+    }
     Ok(f)
+}
+
+/// How many connects a TCP forward's host socket queues before libslirp accepts them (the
+/// kernel caps it at `net.core.somaxconn`); the same depth as usernet's forwards.
+const FORWARD_BACKLOG: c_int = 1024;
+
+/// libslirp listens for a TCP forward with a backlog of 1 (`tcpx_listen`) and accepts one
+/// connection per poll round: a burst of host connects (a hundred requests at once) overflows
+/// the accept queue, the kernel drops the handshakes it has no room for, and those clients wait
+/// through SYN retransmits for seconds to minutes, some until a reset. Linux takes a second
+/// `listen` on a listening socket as a new backlog, so the forward's socket, found by its
+/// address among this process's descriptors (libslirp does not hand it out), gets a deep queue.
+fn deepen_accept_queue(addr: SocketAddrV4) {
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    for fd in fds
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<RawFd>().ok())
+    {
+        if listening_at(fd) == Some(addr) {
+            // SAFETY: listen(2) on a descriptor number; only a socket listening at the forward's
+            // address, which only libslirp's socket can be, gets here.
+            if unsafe { libc::listen(fd, FORWARD_BACKLOG) } == 0 {
+                debug!(%addr, backlog = FORWARD_BACKLOG, "deepened the forward's accept queue");
+                return;
+            }
+        }
+    }
+    warn!(%addr, "libslirp forward keeps its 1-deep accept queue: bursts of connects may stall");
+}
+
+/// The IPv4 address descriptor `fd` listens at, if it is a listening TCP socket.
+fn listening_at(fd: RawFd) -> Option<SocketAddrV4> {
+    let mut accepting: c_int = 0;
+    let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `accepting`; a descriptor that is not
+    // a socket (or no longer open) only makes it fail.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut accepting as *mut c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || accepting == 0 {
+        return None;
+    }
+    // SAFETY: sockaddr_in is plain data; all-zero is a valid value.
+    let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: getsockname writes at most `len` bytes into `sin`.
+    let rc =
+        unsafe { libc::getsockname(fd, (&mut sin as *mut libc::sockaddr_in).cast(), &mut len) };
+    if rc != 0 || c_int::from(sin.sin_family) != libc::AF_INET {
+        return None;
+    }
+    Some(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+        u16::from_be(sin.sin_port),
+    ))
 }
 
 /// Answers one intercepted DNS query on a worker thread; the loop frames the reply. False if
@@ -831,5 +897,54 @@ fn run(setup: LoopSetup, commands: Receiver<Command>, ready: Sender<Result<()>>)
     for t in st.timers.drain(..) {
         // SAFETY: timers libslirp did not free are still ours, each freed once.
         drop(unsafe { Box::from_raw(t) });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A socket listening on a free loopback port with libslirp's backlog of 1.
+    fn listen_like_libslirp() -> (OwnedFd, SocketAddrV4) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            unreachable!("bound an IPv4 address")
+        };
+        let fd = OwnedFd::from(listener);
+        // SAFETY: listen(2) on a socket we own.
+        assert_eq!(unsafe { libc::listen(fd.as_raw_fd(), 1) }, 0);
+        (fd, addr)
+    }
+
+    fn connects(addr: SocketAddrV4, n: usize) -> (Vec<TcpStream>, usize) {
+        let mut open = Vec::new();
+        let mut failed = 0;
+        for _ in 0..n {
+            match TcpStream::connect_timeout(&addr.into(), Duration::from_millis(300)) {
+                Ok(s) => open.push(s),
+                Err(_) => failed += 1,
+            }
+        }
+        (open, failed)
+    }
+
+    #[test]
+    fn a_forward_socket_is_found_by_address_and_queues_a_burst() {
+        let (fd, addr) = listen_like_libslirp();
+        assert_eq!(listening_at(fd.as_raw_fd()), Some(addr));
+
+        let (_before, failed) = connects(addr, 4);
+        assert!(
+            failed > 0,
+            "a backlog of 1 holds at most 2 unaccepted connects"
+        );
+
+        deepen_accept_queue(addr);
+        let (after, failed) = connects(addr, 100);
+        assert_eq!(failed, 0, "100 unaccepted connects fit after deepening");
+        assert_eq!(after.len(), 100);
     }
 }

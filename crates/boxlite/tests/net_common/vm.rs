@@ -400,21 +400,36 @@ impl Drop for Guest {
 
 /// One HTTP/1.0 GET; returns the body (panics on a non-200 answer).
 pub fn http_get(port: u16, path: &str) -> Vec<u8> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the forward");
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: box\r\n\r\n").unwrap();
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).unwrap();
-    let split = resp
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("an HTTP header");
-    let head = String::from_utf8_lossy(&resp[..split]);
-    assert!(
-        head.starts_with("HTTP/1.") && head.contains(" 200 "),
-        "{head}"
-    );
-    resp[split + 4..].to_vec()
+    HttpConn::connect(port).get(path)
+}
+
+/// A connection to a forwarded HTTP server, opened before its one request is sent (so many
+/// requests can be put in flight at once).
+pub struct HttpConn(TcpStream);
+
+impl HttpConn {
+    pub fn connect(port: u16) -> HttpConn {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the forward");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        HttpConn(s)
+    }
+
+    /// Sends one HTTP/1.0 GET and returns the body (panics on a non-200 answer).
+    pub fn get(mut self, path: &str) -> Vec<u8> {
+        write!(self.0, "GET {path} HTTP/1.0\r\nHost: box\r\n\r\n").unwrap();
+        let mut resp = Vec::new();
+        self.0.read_to_end(&mut resp).unwrap();
+        let split = resp
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("an HTTP header");
+        let head = String::from_utf8_lossy(&resp[..split]);
+        assert!(
+            head.starts_with("HTTP/1.") && head.contains(" 200 "),
+            "{head}"
+        );
+        resp[split + 4..].to_vec()
+    }
 }
 
 /// Descriptors open in this process.
