@@ -67,7 +67,7 @@ pub const MAX_DNS_IN_FLIGHT: usize = 64;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Frames queued for smoltcp before we stop reading QEMU's socket for a while.
 const MAX_RX_QUEUE: usize = 512;
-const TCP_BUFFER: usize = 64 * 1024;
+const TCP_BUFFER: usize = 256 * 1024;
 
 const WAKER: Token = Token(0);
 const LISTENER: Token = Token(1);
