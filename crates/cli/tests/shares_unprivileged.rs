@@ -20,15 +20,53 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// `boxlite ARGS` run as UID:GID with no supplementary groups.
-fn as_user(env: &Env, args: &[&str]) -> Output {
+/// A copy of the boxlite programs with their guest assets beside them, in a folder anyone can read:
+/// the checkout (and so target/) may sit where the test user cannot enter.
+fn readable_install() -> tempfile::TempDir {
+    let built = Path::new(env!("CARGO_BIN_EXE_boxlite"));
+    let assets = built
+        .ancestors()
+        .skip(1)
+        .take(4)
+        .map(|d| d.join("assets"))
+        .find(|d| d.join("vmlinux").is_file())
+        .expect("guest assets (scripts/build-assets.sh) near the boxlite binary");
+    let dir = tempfile::Builder::new()
+        .prefix("blinstall")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::create_dir(dir.path().join("bin")).unwrap();
+    std::fs::create_dir(dir.path().join("assets")).unwrap();
+    for program in ["boxlite", "boxlite-shim"] {
+        let to = dir.path().join("bin").join(program);
+        std::fs::copy(built.with_file_name(program), &to).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    for name in ["vmlinux", "initramfs.img"] {
+        std::fs::copy(assets.join(name), dir.path().join("assets").join(name)).unwrap();
+    }
+    let open = |p: &Path, mode| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    for d in ["", "bin", "assets"] {
+        open(&dir.path().join(d), 0o755);
+    }
+    open(&dir.path().join("assets/vmlinux"), 0o644);
+    open(&dir.path().join("assets/initramfs.img"), 0o644);
+    dir
+}
+
+/// `boxlite ARGS` run as UID:GID with no supplementary groups, from `install`.
+fn as_user(env: &Env, install: &Path, args: &[&str]) -> Output {
     let mut cmd = Command::new("setpriv");
     cmd.arg(format!("--reuid={UID}"))
         .arg(format!("--regid={GID}"))
         .arg("--clear-groups")
         .arg("--")
-        .arg(env!("CARGO_BIN_EXE_boxlite"))
+        .arg(install.join("bin/boxlite"))
         .args(args)
+        .env_remove("BOXLITE_ASSETS")
+        .env_remove("BOXLITE_SHIM")
         .env("BOXLITE_HOME", env.home.path())
         .env("HOME", env.home.path())
         .env("BOXLITE_ACCEL", "tcg")
@@ -36,8 +74,8 @@ fn as_user(env: &Env, args: &[&str]) -> Output {
     cmd.output().expect("setpriv runs boxlite")
 }
 
-fn as_user_ok(env: &Env, args: &[&str]) -> String {
-    let out = as_user(env, args);
+fn as_user_ok(env: &Env, install: &Path, args: &[&str]) -> String {
+    let out = as_user(env, install, args);
     assert!(
         out.status.success(),
         "boxlite {args:?} as {UID} failed ({}):\nstdout: {}\nstderr: {}",
@@ -68,6 +106,7 @@ fn field<'a>(out: &'a str, key: &str) -> &'a str {
 #[test]
 fn an_unprivileged_user_s_files_are_root_s_in_the_guest_and_guest_files_are_the_user_s() {
     let env = Env::new();
+    let install = readable_install();
     // The home and the shared folder belong to the user; the image is imported by the user too.
     chown(env.home.path(), UID, GID);
     let share = tempfile::Builder::new()
@@ -103,6 +142,7 @@ fn an_unprivileged_user_s_files_are_root_s_in_the_guest_and_guest_files_are_the_
     assert!(owned.success());
     as_user_ok(
         &env,
+        install.path(),
         &[
             "image",
             "import",
@@ -124,6 +164,7 @@ fn an_unprivileged_user_s_files_are_root_s_in_the_guest_and_guest_files_are_the_
                   cat /s/roots.txt";
     let out = as_user_ok(
         &env,
+        install.path(),
         &[
             "run",
             "--rm",
