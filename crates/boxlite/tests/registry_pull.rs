@@ -133,6 +133,10 @@ fn images_sharing_layers_fetch_only_new_ones() {
     assert_eq!(report.blobs_present, 2, "{report:?}");
     assert_eq!((report.layers_extracted, report.layers_present), (1, 2));
     assert_eq!(
+        report.layers_streamed, 1,
+        "the new layer is extracted while it downloads: {report:?}"
+    );
+    assert_eq!(
         images.storage().extractions(),
         3,
         "one extraction per diff_id"

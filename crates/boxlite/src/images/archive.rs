@@ -4,10 +4,14 @@
 //! uncompressed bytes and stops at a limit (decompression bombs), and hashes them so the caller
 //! can check the layer's diff_id without a second pass.
 //!
-//! Everything streams: memory use is a few buffers whatever the blob expands to.
+//! Everything streams: memory use is a few buffers whatever the blob expands to. A compressed
+//! blob is inflated on a thread of its own, a few buffers ahead of the reader, so inflating and
+//! writing the files it holds run on two cores.
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Mutex;
 
 use sha2::{Digest as _, Sha256};
 
@@ -180,6 +184,10 @@ impl LayerStream {
                 })?,
             ),
         };
+        let inner = match compression {
+            Compression::None => inner,
+            _ => read_ahead(inner),
+        };
         Ok(LayerStream {
             inner,
             digest,
@@ -239,6 +247,107 @@ impl Read for LayerStream {
             return Err(io::Error::other(LimitHit));
         }
         self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Bytes the inflating thread hands over at a time, and how many such chunks it may be ahead.
+const AHEAD_CHUNK: usize = 256 * 1024;
+const AHEAD_CHUNKS: usize = 8;
+
+enum Ahead {
+    Data(Vec<u8>),
+    End,
+    Failed(io::Error),
+}
+
+/// The reading end of [`read_ahead`].
+struct ReadAhead {
+    rx: Mutex<Receiver<Ahead>>,
+    chunk: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+/// Reads `inner` on its own thread, up to [`AHEAD_CHUNKS`] chunks ahead. The thread ends at
+/// the end of `inner`, at its first error, or when the returned reader is dropped. Where no
+/// thread can be started, `inner` is read directly.
+fn read_ahead(inner: Box<dyn Read + Send + Sync>) -> Box<dyn Read + Send + Sync> {
+    let (tx, rx) = sync_channel(AHEAD_CHUNKS);
+    let inner = std::sync::Arc::new(Mutex::new(Some(inner)));
+    let handed = std::sync::Arc::clone(&inner);
+    let spawned = std::thread::Builder::new()
+        .name("layer-inflate".into())
+        .spawn(move || {
+            let Some(mut inner) = handed.lock().expect("inner").take() else {
+                return;
+            };
+            loop {
+                let mut chunk = vec![0u8; AHEAD_CHUNK];
+                let mut filled = 0;
+                let message = loop {
+                    match inner.read(&mut chunk[filled..]) {
+                        Ok(0) => break None,
+                        Ok(n) => {
+                            filled += n;
+                            if filled == chunk.len() {
+                                break None;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => break Some(Ahead::Failed(e)),
+                    }
+                };
+                let end = filled < chunk.len();
+                if filled > 0 {
+                    chunk.truncate(filled);
+                    if tx.send(Ahead::Data(chunk)).is_err() {
+                        return;
+                    }
+                }
+                if let Some(failed) = message {
+                    let _ = tx.send(failed);
+                    return;
+                }
+                if end {
+                    let _ = tx.send(Ahead::End);
+                    return;
+                }
+            }
+        });
+    if spawned.is_err() {
+        // The closure never ran: `inner` is still here.
+        if let Some(inner) = inner.lock().expect("inner").take() {
+            return inner;
+        }
+    }
+    Box::new(ReadAhead {
+        rx: Mutex::new(rx),
+        chunk: Vec::new(),
+        pos: 0,
+        done: false,
+    })
+}
+
+impl Read for ReadAhead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            if self.done || buf.is_empty() {
+                return Ok(0);
+            }
+            match self.rx.get_mut().expect("receiver").recv() {
+                Ok(Ahead::Data(chunk)) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Ok(Ahead::End) => self.done = true,
+                Ok(Ahead::Failed(e)) => return Err(e),
+                Err(_) => return Err(io::Error::other("the inflating thread stopped")),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
         Ok(n)
     }
 }
@@ -341,5 +450,55 @@ mod tests {
             err.contains(&digest().to_string()) && err.contains("4095"),
             "{err}"
         );
+    }
+
+    /// Many read-ahead chunks of varied bytes: what the inflating thread hands over arrives
+    /// whole and in order, and the limit still holds to the byte.
+    #[test]
+    fn inflating_ahead_keeps_order_and_limit() {
+        let raw: Vec<u8> = (0..(AHEAD_CHUNK * (AHEAD_CHUNKS * 3) + 12_345) as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&raw).unwrap();
+        let compressed = gz.finish().unwrap();
+        let total = raw.len() as u64;
+        let mut s =
+            LayerStream::open(temp_blob(&compressed), Compression::Gzip, digest(), total).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        assert!(out == raw, "bytes differ");
+        assert_eq!(s.finish(), (Digest::of(&raw), total));
+
+        let mut s = LayerStream::open(
+            temp_blob(&compressed),
+            Compression::Gzip,
+            digest(),
+            total - 1,
+        )
+        .unwrap();
+        assert!(s.drain().is_err());
+        assert!(s.limit_error().is_some());
+    }
+
+    /// A blob cut short fails on the reading side with the decompressor's error, not with a
+    /// quiet early end.
+    #[test]
+    fn a_truncated_blob_fails_through_the_inflating_thread() {
+        let raw = vec![42u8; AHEAD_CHUNK * 2];
+        for compressed in [
+            {
+                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                gz.write_all(&raw).unwrap();
+                (Compression::Gzip, gz.finish().unwrap())
+            },
+            (Compression::Zstd, zstd::encode_all(&raw[..], 3).unwrap()),
+        ] {
+            let (compression, bytes) = compressed;
+            let cut = &bytes[..bytes.len() - 6];
+            let mut s = LayerStream::open(temp_blob(cut), compression, digest(), 1 << 30).unwrap();
+            let err = s.drain().unwrap_err();
+            assert!(s.limit_error().is_none(), "{compression}: {err}");
+        }
     }
 }

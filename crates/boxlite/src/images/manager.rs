@@ -11,6 +11,7 @@
 use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -30,7 +31,7 @@ use crate::images::registry::{
     Credential, CredentialStore, ImageSettings, RegistryClient, RegistryError,
 };
 use crate::images::storage::{ImageStorage, LayerBlob, Limits, StorageError};
-use crate::images::store::{ImageStore, StoreError};
+use crate::images::store::{self, ImageStore, StoreError};
 use crate::state::Db;
 
 /// One image as boxlite knows it.
@@ -211,18 +212,72 @@ impl ImageManager {
     ) -> Result<(ImageRecord, PullReport)> {
         let reference: Reference = reference.parse()?;
         let mut report = PullReport::default();
-        let image = pull::pull(
-            &self.store,
-            &self.settings,
-            &self.credentials,
-            &reference,
-            options,
-            &mut report,
-        )?;
+        let limits = self.limits();
+        // Layers are extracted while they download, each by its own thread following the
+        // download. A layer it could not finish because the download did not feed it from the
+        // first byte to verification is extracted from the stored blob by prepare_layers; one
+        // whose content failed is refused as it is, not extracted a second time.
+        let streamed = Mutex::new(0usize);
+        let refused = Mutex::new(None);
+        let image = std::thread::scope(|scope| {
+            let start = |layer: &Descriptor, diff_id: &DiffId| {
+                if self.storage.has_layer(diff_id) {
+                    return None;
+                }
+                let (tee, reader) = store::tee();
+                let broken = reader.broken();
+                let (layer, diff_id) = (layer.clone(), diff_id.clone());
+                let (streamed, refused) = (&streamed, &refused);
+                scope.spawn(move || {
+                    let result = self.storage.ensure_layer_streamed(
+                        reader,
+                        layer.size,
+                        &layer.media_type,
+                        &layer.digest,
+                        &diff_id,
+                        &limits,
+                    );
+                    match result {
+                        Ok(info) if info.extracted => *streamed.lock().expect("count") += 1,
+                        Ok(_) => {}
+                        Err(e) if broken.load(Ordering::Relaxed) => debug!(
+                            digest = %layer.digest, error = %e,
+                            "not extracted while downloading; extracting from the store"
+                        ),
+                        Err(e) => {
+                            refused
+                                .lock()
+                                .expect("refused")
+                                .get_or_insert((layer.digest, e));
+                        }
+                    }
+                });
+                Some(tee)
+            };
+            pull::pull(
+                &self.store,
+                &self.settings,
+                &self.credentials,
+                &reference,
+                options,
+                &mut report,
+                Some(&start),
+            )
+        })?;
+        if let Some((digest, source)) = refused.into_inner().expect("refused") {
+            self.drop_unrecorded_blob(&digest);
+            return Err(ImageError::Layer {
+                id: image.config_digest.clone(),
+                digest,
+                source: Box::new(source),
+            });
+        }
         let show = !options.quiet && std::io::stderr().is_terminal();
         let (extracted, present) = self.prepare_layers(&image, show)?;
-        report.layers_extracted = extracted;
-        report.layers_present = present;
+        let streamed = streamed.into_inner().expect("count");
+        report.layers_streamed = streamed;
+        report.layers_extracted = extracted + streamed;
+        report.layers_present = present.saturating_sub(streamed);
         let record = self.record(&image, &[reference])?;
         Ok((record, report))
     }
@@ -595,10 +650,7 @@ impl ImageManager {
         show_progress: bool,
     ) -> Result<(usize, usize)> {
         let progress = show_progress.then(MultiProgress::new);
-        let limits = Limits {
-            max_uncompressed_bytes: self.settings.max_layer_size,
-            ..Limits::default()
-        };
+        let limits = self.limits();
         // Images repeat layers (empty ones above all): each diff_id once.
         let mut seen = HashSet::new();
         let work: Vec<(&Descriptor, &DiffId)> = layers
@@ -658,6 +710,14 @@ impl ImageManager {
             }
         }
         Ok((extracted, present))
+    }
+
+    /// Bounds on one layer's extraction, from the settings.
+    fn limits(&self) -> Limits {
+        Limits {
+            max_uncompressed_bytes: self.settings.max_layer_size,
+            ..Limits::default()
+        }
     }
 
     /// A layer blob that could not be extracted is no use; unless a recorded image holds it,

@@ -24,7 +24,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tracing::{debug, info, warn};
 
 use crate::images::archive::{ArchiveError, Compression};
-use crate::images::digest::Digest;
+use crate::images::digest::{DiffId, Digest};
 use crate::images::manifest::{
     Descriptor, ImageConfigFile, Manifest, ManifestError, ManifestKind, Platform, DOCKER_CONFIG,
     OCI_CONFIG,
@@ -33,7 +33,7 @@ use crate::images::reference::Reference;
 use crate::images::registry::{
     CredentialStore, FetchedManifest, ImageSettings, RegistryClient, RegistryError,
 };
-use crate::images::store::{Fetched, ImageStore, StoreError};
+use crate::images::store::{Fetched, ImageStore, StoreError, Tee};
 
 /// Attempts per blob for transient failures (each attempt resumes where the last stopped).
 const ATTEMPTS: u32 = 5;
@@ -62,6 +62,8 @@ pub struct PullReport {
     /// Layers extracted by this pull, and layers already extracted for another image.
     pub layers_extracted: usize,
     pub layers_present: usize,
+    /// Of `layers_extracted`, those extracted while they downloaded.
+    pub layers_streamed: usize,
     /// Things the user should know that did not stop the pull.
     pub warnings: Vec<String>,
 }
@@ -164,7 +166,13 @@ pub struct StoredImage {
     pub blobs: Vec<Digest>,
 }
 
-/// Pulls `reference` into `store`. Layers are downloaded but not extracted.
+/// Called for each layer whose download is about to start, with its diff_id; a [`Tee`] it
+/// returns is handed the layer's bytes as they arrive ([`ImageStore::fetch_teed`]), so the
+/// layer can be extracted while it downloads.
+pub type LayerTee<'a> = dyn Fn(&Descriptor, &DiffId) -> Option<Tee> + Sync + 'a;
+
+/// Pulls `reference` into `store`. Layers are downloaded; they are extracted only by whatever
+/// `tee_layer` starts.
 pub fn pull(
     store: &ImageStore,
     settings: &ImageSettings,
@@ -172,6 +180,7 @@ pub fn pull(
     reference: &Reference,
     options: &PullOptions,
     report: &mut PullReport,
+    tee_layer: Option<&LayerTee<'_>>,
 ) -> Result<StoredImage, PullError> {
     let mut settings = settings.clone();
     settings
@@ -269,9 +278,11 @@ pub fn pull(
         &name,
         repo,
         &manifest.layers,
+        &config.rootfs.diff_ids,
         &settings,
         options,
         report,
+        tee_layer,
     )?;
 
     // Only now, with everything verified and present, do the documents enter the store.
@@ -477,7 +488,7 @@ fn fetch_blob(
     bar: Option<&ProgressBar>,
     report: &mut PullReport,
 ) -> Result<(), StoreError> {
-    let outcome = fetch_with_retries(client, store, repo, desc, bar)?;
+    let outcome = fetch_with_retries(client, store, repo, desc, bar, None)?;
     count(report, outcome);
     Ok(())
 }
@@ -498,6 +509,7 @@ fn fetch_with_retries(
     repo: &str,
     desc: &Descriptor,
     bar: Option<&ProgressBar>,
+    mut tee: Option<Tee>,
 ) -> Result<Fetched, StoreError> {
     let mut backoff = FIRST_BACKOFF;
     let mut attempt = 1;
@@ -515,7 +527,9 @@ fn fetch_with_retries(
                 bar.inc(n);
             }
         };
-        match store.fetch(&desc.digest, desc.size, &mut source, &progress) {
+        // Only the first attempt feeds the tee: a retry resumes mid-blob.
+        let tee = tee.take();
+        match store.fetch_teed(&desc.digest, desc.size, &mut source, &progress, tee) {
             Ok(outcome) => return Ok(outcome),
             Err(e) if e.is_transient() && attempt < ATTEMPTS => {
                 warn!(digest = %desc.digest, attempt, error = %e, "blob download failed; retrying");
@@ -536,13 +550,16 @@ fn download_layers(
     reference: &str,
     repo: &str,
     layers: &[Descriptor],
+    diff_ids: &[DiffId],
     settings: &ImageSettings,
     options: &PullOptions,
     report: &mut PullReport,
+    tee_layer: Option<&LayerTee<'_>>,
 ) -> Result<(), PullError> {
-    let missing: VecDeque<&Descriptor> = layers
+    let missing: VecDeque<(&Descriptor, &DiffId)> = layers
         .iter()
-        .filter(|l| {
+        .zip(diff_ids)
+        .filter(|(l, _)| {
             let present = store.contains(&l.digest);
             if present {
                 report.blobs_present += 1;
@@ -568,11 +585,12 @@ fn download_layers(
                 if failed.load(Ordering::Relaxed) {
                     return;
                 }
-                let Some(layer) = queue.lock().expect("queue").pop_front() else {
+                let Some((layer, diff_id)) = queue.lock().expect("queue").pop_front() else {
                     return;
                 };
                 let bar = bars.add(layer);
-                let result = fetch_with_retries(client, store, repo, layer, bar.as_ref());
+                let tee = tee_layer.and_then(|start| start(layer, diff_id));
+                let result = fetch_with_retries(client, store, repo, layer, bar.as_ref(), tee);
                 if let Some(bar) = bar {
                     bar.finish();
                 }

@@ -256,18 +256,75 @@ impl ImageStorage {
                 uncompressed_bytes: None,
             });
         }
-        let compression = Compression::from_media_type(blob.media_type)?;
         let file = File::open(blob.path).map_err(|source| ArchiveError::Read {
             digest: blob.digest.clone(),
             source,
         })?;
+        let blob_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+        self.extract_and_commit(
+            Box::new(file),
+            blob_bytes,
+            blob.media_type,
+            blob.digest,
+            expected,
+            limits,
+            progress,
+        )
+    }
 
+    /// [`ImageStorage::ensure_layer`] for a blob that is still arriving: `source` yields its
+    /// `blob_bytes` bytes (a [`crate::images::store::TeeReader`] following the download) and
+    /// ends only once the blob is verified. The layer is committed only if `source` reached its
+    /// end and the tar hashes to `expected`.
+    pub fn ensure_layer_streamed(
+        &self,
+        source: impl Read + Send + Sync + 'static,
+        blob_bytes: u64,
+        media_type: &str,
+        digest: &Digest,
+        expected: &DiffId,
+        limits: &Limits,
+    ) -> Result<LayerInfo, StorageError> {
+        if self.has_layer(expected) {
+            return Ok(LayerInfo {
+                diff_id: expected.clone(),
+                dir: self.layer_dir(expected),
+                extracted: false,
+                uncompressed_bytes: None,
+            });
+        }
+        self.extract_and_commit(
+            Box::new(source),
+            blob_bytes,
+            media_type,
+            digest,
+            expected,
+            limits,
+            &|_| {},
+        )
+    }
+
+    /// Extracts `source` into staging, checks it and renames it into place.
+    #[allow(clippy::too_many_arguments)]
+    fn extract_and_commit(
+        &self,
+        source: Box<dyn Read + Send + Sync>,
+        blob_bytes: u64,
+        media_type: &str,
+        digest: &Digest,
+        expected: &DiffId,
+        limits: &Limits,
+        progress: &dyn Fn(ExtractProgress),
+    ) -> Result<LayerInfo, StorageError> {
+        let dir = self.layer_dir(expected);
+        let compression = Compression::from_media_type(media_type)?;
         let staging = Staging::create(&self.tmp_dir, expected)?;
         let size = self.extract_into(
             &staging.path,
-            file,
+            source,
+            blob_bytes,
             compression,
-            blob,
+            digest,
             expected,
             limits,
             progress,
@@ -277,7 +334,7 @@ impl ImageStorage {
         let committed = staging.commit(&dir)?;
         if committed {
             self.extractions.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(diff_id = %expected, digest = %blob.digest, bytes = size, "layer extracted");
+            tracing::info!(diff_id = %expected, %digest, bytes = size, "layer extracted");
         } else {
             tracing::debug!(diff_id = %expected, "another process extracted the layer first");
         }
@@ -293,23 +350,23 @@ impl ImageStorage {
     fn extract_into(
         &self,
         staging: &Path,
-        file: File,
+        source: Box<dyn Read + Send + Sync>,
+        blob_bytes: u64,
         compression: Compression,
-        blob: &LayerBlob<'_>,
+        digest: &Digest,
         expected: &DiffId,
         limits: &Limits,
         progress: &dyn Fn(ExtractProgress),
     ) -> Result<u64, StorageError> {
-        let blob_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
         let blob_read = Arc::new(AtomicU64::new(0));
         let counted = CountingReader {
-            inner: file,
+            inner: source,
             count: Arc::clone(&blob_read),
         };
         let mut stream = LayerStream::open(
             counted,
             compression,
-            blob.digest.clone(),
+            digest.clone(),
             limits.max_uncompressed_bytes,
         )?;
         let options = ExtractOptions {
@@ -333,14 +390,14 @@ impl ImageStorage {
                 }
                 if let LayerError::TooLarge { member, limit } = source {
                     return Err(StorageError::TooLarge {
-                        digest: blob.digest.clone(),
+                        digest: digest.clone(),
                         member,
                         limit,
                         limit_mib: limit >> 20,
                     });
                 }
                 return Err(StorageError::Extract {
-                    digest: blob.digest.clone(),
+                    digest: digest.clone(),
                     diff_id: expected.clone(),
                     source,
                 });
@@ -350,7 +407,7 @@ impl ImageStorage {
             return Err(match stream.limit_error() {
                 Some(limit) => limit.into(),
                 None => ArchiveError::Read {
-                    digest: blob.digest.clone(),
+                    digest: digest.clone(),
                     source,
                 }
                 .into(),
@@ -364,7 +421,7 @@ impl ImageStorage {
         let (actual, size) = stream.finish();
         if &actual != expected {
             return Err(StorageError::DiffIdMismatch {
-                digest: blob.digest.clone(),
+                digest: digest.clone(),
                 expected: expected.clone(),
                 actual,
             });
@@ -448,9 +505,9 @@ impl ImageStorage {
 /// Uncompressed bytes between progress reports.
 const PROGRESS_STEP: u64 = 4 << 20;
 
-/// Counts the bytes read from the blob file.
+/// Counts the bytes read from the blob.
 struct CountingReader {
-    inner: File,
+    inner: Box<dyn Read + Send + Sync>,
     count: Arc<AtomicU64>,
 }
 

@@ -12,10 +12,16 @@
 //! - Two processes pulling the same blob take turns on `tmp/blob-<hex>.lock` (`flock`); the
 //!   second finds the blob present and fetches nothing. Lock files are left behind on purpose:
 //!   deleting one while another process waits on it would let a third take a different lock.
+//! - A download can hand its bytes to a reader as they arrive ([`tee`]), so a layer is extracted
+//!   while it downloads. That reader sees the end of the data only once the blob is verified and
+//!   in place; a download that fails, resumes or starts over gives it an error instead.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
 
 use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest as _, Sha256};
@@ -238,6 +244,20 @@ impl ImageStore {
         source: &mut BlobSource<'_>,
         progress: &dyn Fn(u64),
     ) -> Result<Fetched> {
+        self.fetch_teed(digest, size, source, progress, None)
+    }
+
+    /// [`ImageStore::fetch`], also handing the bytes to `tee`'s reader as they arrive. The tee
+    /// is only fed by a download from the first byte; when the blob is already present, or the
+    /// download resumes a partial, restarts, or fails, the tee is dropped and its reader fails.
+    pub fn fetch_teed(
+        &self,
+        digest: &Digest,
+        size: u64,
+        source: &mut BlobSource<'_>,
+        progress: &dyn Fn(u64),
+        mut tee: Option<Tee>,
+    ) -> Result<Fetched> {
         if self.contains(digest) {
             return Ok(Fetched::Present);
         }
@@ -264,6 +284,7 @@ impl ImageStore {
             resume_state(&mut file, size).map_err(|e| io_err("reading", e))?;
         if have > 0 {
             progress(have);
+            tee = None;
         }
 
         let (mut body, resumed) = source(have)?;
@@ -301,6 +322,10 @@ impl ImageStore {
             }
             file.write_all(&buf[..n])
                 .map_err(|e| io_err("writing", e))?;
+            if tee.as_ref().is_some_and(|t| !t.send(&buf[..n])) {
+                debug!(%digest, "the blob's reader went away; downloading on alone");
+                tee = None;
+            }
             hasher.update(&buf[..n]);
             have += n as u64;
             progress(n as u64);
@@ -331,6 +356,9 @@ impl ImageStore {
             path: dest,
             source,
         })?;
+        if let Some(tee) = tee {
+            tee.verified();
+        }
         Ok(Fetched::Downloaded {
             bytes: size - resumed_from,
             resumed_from,
@@ -415,6 +443,91 @@ impl ImageStore {
 
 /// Hashes what an earlier attempt left in `file`, leaving the cursor at its end. A partial
 /// longer than the blob cannot be right and is emptied.
+/// Chunks a tee holds before the download waits for its reader.
+const TEE_CHUNKS: usize = 64;
+
+/// The writing end of [`tee`]: held by one download.
+pub struct Tee {
+    tx: SyncSender<TeeChunk>,
+}
+
+enum TeeChunk {
+    Data(Vec<u8>),
+    /// The blob is complete, verified and stored.
+    Verified,
+}
+
+impl Tee {
+    /// Hands `bytes` to the reader, waiting while it is [`TEE_CHUNKS`] chunks behind; false
+    /// when the reader is gone.
+    fn send(&self, bytes: &[u8]) -> bool {
+        self.tx.send(TeeChunk::Data(bytes.to_vec())).is_ok()
+    }
+
+    fn verified(self) {
+        let _ = self.tx.send(TeeChunk::Verified);
+    }
+}
+
+/// The reading end of [`tee`]: the blob's bytes in order, then end of data once the blob is
+/// verified and stored, or an error if the download did not get there.
+pub struct TeeReader {
+    rx: Mutex<Receiver<TeeChunk>>,
+    chunk: Vec<u8>,
+    pos: usize,
+    done: bool,
+    broken: Arc<AtomicBool>,
+}
+
+impl TeeReader {
+    /// Becomes true if this reader failed because the download stopped feeding it (as
+    /// opposed to its consumer giving up on the bytes it read).
+    pub fn broken(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.broken)
+    }
+}
+
+/// A pair that lets a reader follow a download ([`ImageStore::fetch_teed`]).
+pub fn tee() -> (Tee, TeeReader) {
+    let (tx, rx) = sync_channel(TEE_CHUNKS);
+    let reader = TeeReader {
+        rx: Mutex::new(rx),
+        chunk: Vec::new(),
+        pos: 0,
+        done: false,
+        broken: Arc::new(AtomicBool::new(false)),
+    };
+    (Tee { tx }, reader)
+}
+
+impl Read for TeeReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            if self.done {
+                return Ok(0);
+            }
+            let next = self.rx.get_mut().expect("tee receiver").recv();
+            match next {
+                Ok(TeeChunk::Data(chunk)) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Ok(TeeChunk::Verified) => self.done = true,
+                Err(_) => {
+                    self.broken.store(true, Ordering::Relaxed);
+                    return Err(io::Error::other(
+                        "the download feeding this reader stopped before the blob was verified",
+                    ));
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 fn resume_state(file: &mut File, size: u64) -> io::Result<(Sha256, u64)> {
     let mut hasher = Sha256::new();
     let len = file.metadata()?.len();
@@ -529,6 +642,138 @@ mod tests {
             )
             .unwrap_err();
         assert!(matches!(err, StoreError::TooLong { .. }), "{err}");
+    }
+
+    /// Reads a tee to its end on another thread, as an extraction does.
+    fn follow(reader: TeeReader) -> std::thread::JoinHandle<io::Result<Vec<u8>>> {
+        std::thread::spawn(move || {
+            let mut reader = reader;
+            let mut out = Vec::new();
+            reader.read_to_end(&mut out).map(|_| out)
+        })
+    }
+
+    #[test]
+    fn a_tee_ends_only_after_verification() {
+        let (_d, store) = store();
+        // Larger than the tee's buffer: the download waits for its reader.
+        let data: Vec<u8> = (0..(CHUNK * (TEE_CHUNKS + 8)) as u32)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let digest = Digest::of(&data);
+        let (tee, reader) = super::tee();
+        let broken = reader.broken();
+        let reading = follow(reader);
+        let size = data.len() as u64;
+        store
+            .fetch_teed(
+                &digest,
+                size,
+                &mut serve(data.clone(), true),
+                &|_| {},
+                Some(tee),
+            )
+            .unwrap();
+        assert!(
+            reading.join().unwrap().unwrap() == data,
+            "the reader saw the blob"
+        );
+        assert!(!broken.load(Ordering::Relaxed));
+
+        // Wrong bytes: the reader saw them but gets an error, never the end of the data.
+        let genuine = Digest::of(b"genuine!");
+        let (tee, reader) = super::tee();
+        let broken = reader.broken();
+        let reading = follow(reader);
+        let evil = serve(b"evil....".to_vec(), true);
+        assert!(store
+            .fetch_teed(&genuine, 8, &mut { evil }, &|_| {}, Some(tee))
+            .is_err());
+        let err = reading.join().unwrap().unwrap_err();
+        assert!(
+            err.to_string().contains("before the blob was verified"),
+            "{err}"
+        );
+        assert!(broken.load(Ordering::Relaxed), "the download broke it");
+
+        // Already present: nothing to follow.
+        let (tee, reader) = super::tee();
+        let reading = follow(reader);
+        let got = store
+            .fetch_teed(
+                &digest,
+                size,
+                &mut |_| panic!("present"),
+                &|_| {},
+                Some(tee),
+            )
+            .unwrap();
+        assert_eq!(got, Fetched::Present);
+        assert!(reading.join().unwrap().is_err());
+    }
+
+    #[test]
+    fn a_reader_that_gives_up_does_not_stop_the_download() {
+        let (_d, store) = store();
+        let data: Vec<u8> = (0..(CHUNK * (TEE_CHUNKS + 8)) as u32)
+            .map(|i| (i % 241) as u8)
+            .collect();
+        let digest = Digest::of(&data);
+        let (tee, reader) = super::tee();
+        let broken = reader.broken();
+        let reading = std::thread::spawn(move || {
+            let mut reader = reader;
+            let mut first = vec![0u8; 1000];
+            reader.read_exact(&mut first).map(|_| first)
+        });
+        let size = data.len() as u64;
+        store
+            .fetch_teed(
+                &digest,
+                size,
+                &mut serve(data.clone(), true),
+                &|_| {},
+                Some(tee),
+            )
+            .unwrap();
+        assert_eq!(reading.join().unwrap().unwrap(), data[..1000]);
+        assert!(
+            !broken.load(Ordering::Relaxed),
+            "the reader quit on its own"
+        );
+        assert_eq!(store.read(&digest).unwrap(), data);
+    }
+
+    #[test]
+    fn a_resumed_download_does_not_feed_a_tee() {
+        let (_d, store) = store();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let digest = Digest::of(&data);
+        let partial = store.tmp.join(format!("blob-{}.partial", digest.hex()));
+        std::fs::write(&partial, &data[..40_000]).unwrap();
+        let (tee, reader) = super::tee();
+        let reading = follow(reader);
+        let got = store
+            .fetch_teed(
+                &digest,
+                100_000,
+                &mut serve(data.clone(), true),
+                &|_| {},
+                Some(tee),
+            )
+            .unwrap();
+        assert_eq!(
+            got,
+            Fetched::Downloaded {
+                bytes: 60_000,
+                resumed_from: 40_000
+            }
+        );
+        assert!(
+            reading.join().unwrap().is_err(),
+            "the reader would miss the first 40 000 bytes"
+        );
+        assert_eq!(store.read(&digest).unwrap(), data);
     }
 
     #[test]
