@@ -6,6 +6,10 @@
 # ends: an extracted root filesystem on disk.
 #
 # Usage: bench/pull.sh            (RUNS=5 BOXLITE=path/to/boxlite to override)
+#        BASELINE=path/to/other/boxlite bench/pull.sh
+#                                  adds a row for another build, run in alternating order with
+#                                  this one (the disk's state after the previous run weighs on
+#                                  whichever runs first).
 # Needs: debootstrap, umoci, skopeo, docker-registry, root (debootstrap). The image is made and
 # cached by scripts/make-debian-image.sh, shared with the tests.
 set -euo pipefail
@@ -63,11 +67,24 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN {print b - a}'; }
 : >"$work/boxlite.times"
 : >"$work/skopeo.times"
 : >"$work/umoci.times"
+baseline=${BASELINE:-}
+: >"$work/baseline.times"
+pull_baseline() {
+  [ -n "$baseline" ] || return 0
+  sync
+  local a b
+  a=$(now)
+  BOXLITE_HOME=$work/base-home-$i "$baseline" pull --quiet "$ref" >/dev/null
+  b=$(now)
+  elapsed "$a" "$b" >>"$work/baseline.times"
+}
 for i in $(seq "$runs"); do
+  [ $((i % 2)) -eq 0 ] && pull_baseline
   sync
   t0=$(now)
   BOXLITE_HOME=$work/home-$i "$boxlite" pull --quiet "$ref" >/dev/null
   t1=$(now)
+  [ $((i % 2)) -eq 1 ] && pull_baseline
   sync
   t2=$(now)
   skopeo copy --quiet --src-tls-verify=false "docker://$ref" "oci:$work/oci-$i:x"
@@ -92,3 +109,8 @@ printf '%-56s %9.3f %8.2f\n' "skopeo copy docker:// oci: (download, verify)" "$s
   "$(awk -v b="$b" -v s="$s" 'BEGIN {print b / s}')"
 printf '%-56s %9.3f %8.2f\n' "skopeo copy + umoci unpack + sync (same end state)" "$u" \
   "$(awk -v b="$b" -v s="$u" 'BEGIN {print b / s}')"
+if [ -n "$baseline" ]; then
+  p=$(median <"$work/baseline.times")
+  printf '%-56s %9.3f %8.2f\n' "baseline: $(basename "$baseline") pull" "$p" \
+    "$(awk -v b="$b" -v s="$p" 'BEGIN {print b / s}')"
+fi
