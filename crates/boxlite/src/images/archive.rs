@@ -10,11 +10,11 @@
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read};
-use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest as _, Sha256};
 
+use crate::images::chunks::chunks;
 use crate::images::digest::{DiffId, Digest};
 
 /// How a layer blob is compressed.
@@ -255,27 +255,13 @@ impl Read for LayerStream {
 const AHEAD_CHUNK: usize = 256 * 1024;
 const AHEAD_CHUNKS: usize = 8;
 
-enum Ahead {
-    Data(Vec<u8>),
-    End,
-    Failed(io::Error),
-}
-
-/// The reading end of [`read_ahead`].
-struct ReadAhead {
-    rx: Mutex<Receiver<Ahead>>,
-    chunk: Vec<u8>,
-    pos: usize,
-    done: bool,
-}
-
 /// Reads `inner` on its own thread, up to [`AHEAD_CHUNKS`] chunks ahead. The thread ends at
 /// the end of `inner`, at its first error, or when the returned reader is dropped. Where no
 /// thread can be started, `inner` is read directly.
 fn read_ahead(inner: Box<dyn Read + Send + Sync>) -> Box<dyn Read + Send + Sync> {
-    let (tx, rx) = sync_channel(AHEAD_CHUNKS);
-    let inner = std::sync::Arc::new(Mutex::new(Some(inner)));
-    let handed = std::sync::Arc::clone(&inner);
+    let (tx, rx) = chunks(AHEAD_CHUNKS, "the inflating thread stopped");
+    let inner = Arc::new(Mutex::new(Some(inner)));
+    let handed = Arc::clone(&inner);
     let spawned = std::thread::Builder::new()
         .name("layer-inflate".into())
         .spawn(move || {
@@ -285,32 +271,27 @@ fn read_ahead(inner: Box<dyn Read + Send + Sync>) -> Box<dyn Read + Send + Sync>
             loop {
                 let mut chunk = vec![0u8; AHEAD_CHUNK];
                 let mut filled = 0;
-                let message = loop {
+                while filled < chunk.len() {
                     match inner.read(&mut chunk[filled..]) {
-                        Ok(0) => break None,
-                        Ok(n) => {
-                            filled += n;
-                            if filled == chunk.len() {
-                                break None;
-                            }
-                        }
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => break Some(Ahead::Failed(e)),
-                    }
-                };
-                let end = filled < chunk.len();
-                if filled > 0 {
-                    chunk.truncate(filled);
-                    if tx.send(Ahead::Data(chunk)).is_err() {
-                        return;
+                        Err(e) => {
+                            chunk.truncate(filled);
+                            if filled == 0 || tx.send(chunk) {
+                                tx.fail(e);
+                            }
+                            return;
+                        }
                     }
                 }
-                if let Some(failed) = message {
-                    let _ = tx.send(failed);
+                let end = filled < chunk.len();
+                chunk.truncate(filled);
+                if filled > 0 && !tx.send(chunk) {
                     return;
                 }
                 if end {
-                    let _ = tx.send(Ahead::End);
+                    tx.end();
                     return;
                 }
             }
@@ -321,35 +302,7 @@ fn read_ahead(inner: Box<dyn Read + Send + Sync>) -> Box<dyn Read + Send + Sync>
             return inner;
         }
     }
-    Box::new(ReadAhead {
-        rx: Mutex::new(rx),
-        chunk: Vec::new(),
-        pos: 0,
-        done: false,
-    })
-}
-
-impl Read for ReadAhead {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.chunk.len() {
-            if self.done || buf.is_empty() {
-                return Ok(0);
-            }
-            match self.rx.get_mut().expect("receiver").recv() {
-                Ok(Ahead::Data(chunk)) => {
-                    self.chunk = chunk;
-                    self.pos = 0;
-                }
-                Ok(Ahead::End) => self.done = true,
-                Ok(Ahead::Failed(e)) => return Err(e),
-                Err(_) => return Err(io::Error::other("the inflating thread stopped")),
-            }
-        }
-        let n = buf.len().min(self.chunk.len() - self.pos);
-        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
+    Box::new(rx)
 }
 
 // Public types cross threads (extraction runs on workers).

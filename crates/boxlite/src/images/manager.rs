@@ -225,7 +225,7 @@ impl ImageManager {
                     return None;
                 }
                 let (tee, reader) = store::tee();
-                let broken = reader.broken();
+                let broken = reader.abandoned();
                 let (layer, diff_id) = (layer.clone(), diff_id.clone());
                 let (streamed, refused) = (&streamed, &refused);
                 scope.spawn(move || {

@@ -7,6 +7,7 @@
 //! - [`registry`]: the distribution API client with its auth flows.
 //! - [`store`]: `ImageStore`, blobs by digest, verified and written atomically.
 //! - [`archive`]: decompression (gzip, zstd, none) with size limits.
+//! - [`chunks`]: a byte stream handed between threads (read-ahead, extraction during download).
 //! - [`layer`]: applying one layer tar safely (hostile input).
 //! - [`storage`]: `ImageStorage`, extracted layers by diff_id, shared across images.
 //! - [`assemble`]: a rootfs directory from an image's layer chain.
@@ -14,6 +15,7 @@
 
 pub mod archive;
 pub mod assemble;
+pub mod chunks;
 pub mod digest;
 pub mod import;
 pub mod layer;

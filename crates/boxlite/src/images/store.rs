@@ -19,15 +19,13 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
 
 use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest as _, Sha256};
 use tracing::{debug, warn};
 
 use crate::home::Home;
+use crate::images::chunks::{chunks, ChunkReader, ChunkSender};
 use crate::images::digest::Digest;
 use crate::images::registry::RegistryError;
 
@@ -447,85 +445,33 @@ impl ImageStore {
 const TEE_CHUNKS: usize = 64;
 
 /// The writing end of [`tee`]: held by one download.
-pub struct Tee {
-    tx: SyncSender<TeeChunk>,
-}
-
-enum TeeChunk {
-    Data(Vec<u8>),
-    /// The blob is complete, verified and stored.
-    Verified,
-}
+pub struct Tee(ChunkSender);
 
 impl Tee {
     /// Hands `bytes` to the reader, waiting while it is [`TEE_CHUNKS`] chunks behind; false
     /// when the reader is gone.
     fn send(&self, bytes: &[u8]) -> bool {
-        self.tx.send(TeeChunk::Data(bytes.to_vec())).is_ok()
+        self.0.send(bytes.to_vec())
     }
 
+    /// The blob is complete, verified and stored.
     fn verified(self) {
-        let _ = self.tx.send(TeeChunk::Verified);
+        self.0.end();
     }
 }
 
-/// The reading end of [`tee`]: the blob's bytes in order, then end of data once the blob is
-/// verified and stored, or an error if the download did not get there.
-pub struct TeeReader {
-    rx: Mutex<Receiver<TeeChunk>>,
-    chunk: Vec<u8>,
-    pos: usize,
-    done: bool,
-    broken: Arc<AtomicBool>,
-}
-
-impl TeeReader {
-    /// Becomes true if this reader failed because the download stopped feeding it (as
-    /// opposed to its consumer giving up on the bytes it read).
-    pub fn broken(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.broken)
-    }
-}
+/// The reading end of [`tee`]: the blob's bytes in order, then the end of the data once the
+/// blob is verified and stored, or an error if the download did not get there (then
+/// [`ChunkReader::abandoned`] is set).
+pub type TeeReader = ChunkReader;
 
 /// A pair that lets a reader follow a download ([`ImageStore::fetch_teed`]).
 pub fn tee() -> (Tee, TeeReader) {
-    let (tx, rx) = sync_channel(TEE_CHUNKS);
-    let reader = TeeReader {
-        rx: Mutex::new(rx),
-        chunk: Vec::new(),
-        pos: 0,
-        done: false,
-        broken: Arc::new(AtomicBool::new(false)),
-    };
-    (Tee { tx }, reader)
-}
-
-impl Read for TeeReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.chunk.len() {
-            if self.done {
-                return Ok(0);
-            }
-            let next = self.rx.get_mut().expect("tee receiver").recv();
-            match next {
-                Ok(TeeChunk::Data(chunk)) => {
-                    self.chunk = chunk;
-                    self.pos = 0;
-                }
-                Ok(TeeChunk::Verified) => self.done = true,
-                Err(_) => {
-                    self.broken.store(true, Ordering::Relaxed);
-                    return Err(io::Error::other(
-                        "the download feeding this reader stopped before the blob was verified",
-                    ));
-                }
-            }
-        }
-        let n = buf.len().min(self.chunk.len() - self.pos);
-        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
+    let (tx, rx) = chunks(
+        TEE_CHUNKS,
+        "the download feeding this reader stopped before the blob was verified",
+    );
+    (Tee(tx), rx)
 }
 
 fn resume_state(file: &mut File, size: u64) -> io::Result<(Sha256, u64)> {
@@ -564,6 +510,7 @@ fn discard(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     fn store() -> (tempfile::TempDir, ImageStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -662,7 +609,7 @@ mod tests {
             .collect();
         let digest = Digest::of(&data);
         let (tee, reader) = super::tee();
-        let broken = reader.broken();
+        let broken = reader.abandoned();
         let reading = follow(reader);
         let size = data.len() as u64;
         store
@@ -683,7 +630,7 @@ mod tests {
         // Wrong bytes: the reader saw them but gets an error, never the end of the data.
         let genuine = Digest::of(b"genuine!");
         let (tee, reader) = super::tee();
-        let broken = reader.broken();
+        let broken = reader.abandoned();
         let reading = follow(reader);
         let evil = serve(b"evil....".to_vec(), true);
         assert!(store
@@ -720,7 +667,7 @@ mod tests {
             .collect();
         let digest = Digest::of(&data);
         let (tee, reader) = super::tee();
-        let broken = reader.broken();
+        let broken = reader.abandoned();
         let reading = std::thread::spawn(move || {
             let mut reader = reader;
             let mut first = vec![0u8; 1000];
