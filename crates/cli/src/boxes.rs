@@ -29,7 +29,8 @@ pub enum BoxCommand {
     Stop {
         #[arg(value_name = "BOX", required = true)]
         names: Vec<String>,
-        /// Seconds to wait for a clean shutdown before killing the VM.
+        /// Seconds the Box's processes get to exit after SIGTERM before SIGKILL (as docker
+        /// stop -t); the guest then syncs its disks and powers off.
         #[arg(short = 't', long = "time", default_value_t = 10)]
         timeout: u64,
     },

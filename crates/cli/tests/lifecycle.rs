@@ -147,6 +147,67 @@ fn detached_box_exec_from_another_process_then_stop_and_rm() {
     assert!(env.ls().is_empty());
 }
 
+/// `stop -t N` as docker has it: SIGTERM, then N seconds for the processes to finish before
+/// SIGKILL; a trap that cleans up within the time gets to finish, one that takes longer does not.
+#[test]
+fn stop_gives_processes_their_time_after_sigterm() {
+    let env = Env::new();
+    let img = env.busybox();
+    let script = "trap 'sleep 4; echo cleaned > /root/clean; sync; exit 0' TERM; \
+                  cat /proc/sys/kernel/random/boot_id > /tmp/armed; \
+                  while :; do sleep 1; done";
+    // Armed in this boot (the file stays on the Box's disk across stop/start).
+    let this_boot = "test \"$(cat /tmp/armed)\" = \"$(cat /proc/sys/kernel/random/boot_id)\"";
+    let armed = |env: &Env| {
+        let started = Instant::now();
+        while env
+            .run(&["exec", "trapper", "sh", "-c", this_boot])
+            .status
+            .code()
+            != Some(0)
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the trap was never set"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    env.ok(&["run", "-d", "--name", "trapper", img, "sh", "-c", script]);
+    armed(&env);
+    let started = Instant::now();
+    env.ok(&["stop", "-t", "20", "trapper"]);
+    let took = started.elapsed();
+    let b = env.state_of("trapper");
+    assert_eq!(b["exit_code"], 0, "the trap finished: {b}");
+    assert!(
+        took >= Duration::from_secs(4),
+        "stop returned after {took:?}"
+    );
+    env.ok(&["start", "trapper"]);
+    assert_eq!(
+        env.ok(&["exec", "trapper", "cat", "/root/clean"]),
+        "cleaned\n"
+    );
+
+    // One second is not enough for the trap: killed, no file.
+    env.ok(&["exec", "trapper", "rm", "/root/clean"]);
+    armed(&env);
+    let started = Instant::now();
+    env.ok(&["stop", "-t", "1", "trapper"]);
+    let took = started.elapsed();
+    assert_eq!(env.state_of("trapper")["exit_code"], 137);
+    assert!(took < Duration::from_secs(4 + 10), "stop took {took:?}");
+    env.ok(&["start", "trapper"]);
+    let out = env.run(&["exec", "trapper", "cat", "/root/clean"]);
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "the trap was killed before writing"
+    );
+    env.ok(&["rm", "-f", "trapper"]);
+}
+
 #[test]
 fn main_process_exit_stops_the_box_with_its_code() {
     let env = Env::new();

@@ -108,9 +108,10 @@ impl Server {
                 };
                 self.reply(BOX_CHANNEL, reply);
             }
-            Control::Shutdown => {
+            Control::Shutdown { grace_secs } => {
                 let unreported = Arc::clone(&self.unreported);
-                shutdown::power_off(move || wait_for_reports(&unreported))
+                let grace = grace_secs.map_or(shutdown::GRACE, Duration::from_secs);
+                shutdown::power_off(grace, move || wait_for_reports(&unreported))
             }
             other => self.reply(
                 BOX_CHANNEL,

@@ -12,15 +12,16 @@ use nix::unistd::Pid;
 
 use crate::console::log;
 
-/// How long processes get to exit after SIGTERM.
-const GRACE: Duration = Duration::from_secs(3);
+/// How long processes get to exit after SIGTERM when the host does not say (the main process
+/// ended, or an older host).
+pub const GRACE: Duration = Duration::from_secs(3);
 
-/// Stops everything and powers the VM off. `sessions_reported` is called once every process is
-/// gone and waits (briefly) until the sessions have told the host how their processes ended.
-/// Never returns.
-pub fn power_off(sessions_reported: impl FnOnce()) -> ! {
+/// Stops everything and powers the VM off: processes get `grace` to exit after SIGTERM (a
+/// `boxlite stop -t`). `sessions_reported` is called once every process is gone and waits
+/// (briefly) until the sessions have told the host how their processes ended. Never returns.
+pub fn power_off(grace: Duration, sessions_reported: impl FnOnce()) -> ! {
     log!("shutting down");
-    stop_processes();
+    stop_processes(grace);
     sessions_reported();
     nix::unistd::sync();
     unmount_all();
@@ -33,11 +34,11 @@ pub fn power_off(sessions_reported: impl FnOnce()) -> ! {
     }
 }
 
-fn stop_processes() {
+fn stop_processes(grace: Duration) {
     // From PID 1, pid -1 means every process but PID 1 itself.
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
-    if !wait_for_no_processes(GRACE) {
-        log!("processes still running after {GRACE:?}; killing them");
+    if !wait_for_no_processes(grace) {
+        log!("processes still running after {grace:?}; killing them");
         let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
         wait_for_no_processes(Duration::from_secs(2));
     }

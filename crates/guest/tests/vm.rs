@@ -521,7 +521,7 @@ fn disks_survive_shutdown_and_reboot() {
     let df = agent.run(&["df", "-k", "/"]).stdout_text();
     assert!(df.contains("/dev/vd"), "{df}");
 
-    agent.control(0, &Control::Shutdown);
+    agent.control(0, &Control::Shutdown { grace_secs: None });
     let status = vm.wait_exit(MINUTE);
     assert!(
         status.success(),
@@ -615,7 +615,7 @@ fn disks_survive_shutdown_and_reboot() {
         "while true; do echo tick; sleep 0.05; done",
     ]));
     ticker.read_until("tick\ntick\n", MINUTE);
-    agent.control(0, &Control::Shutdown);
+    agent.control(0, &Control::Shutdown { grace_secs: None });
     let out = ticker.wait(MINUTE);
     assert_eq!((out.code, out.signal), (None, Some(15)), "{out:?}");
     assert!(vm.wait_exit(MINUTE).success());

@@ -166,8 +166,12 @@ pub enum Control {
     },
     /// either way: the request on this channel failed; the channel is finished.
     Error { message: String },
-    /// host → guest, channel 0: stop every process, sync and unmount disks, power off.
-    Shutdown,
+    /// host → guest, channel 0: stop every process (SIGTERM, then SIGKILL after `grace_secs`,
+    /// the agent's default when absent), sync and unmount disks, power off.
+    Shutdown {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        grace_secs: Option<u64>,
+    },
     /// CLI → shim, channel 0: stop the Box (clean shutdown, hard kill after `timeout_secs`).
     Stop { timeout_secs: u64 },
     /// shim → CLI: the requested Box-level operation finished.

@@ -356,8 +356,9 @@ impl LiteBox {
         )))
     }
 
-    /// Stops the Box: the guest shuts down cleanly (processes ended, disks synced); after
-    /// `timeout` the VMM is killed. Stopping a Box that is not running does nothing.
+    /// Stops the Box as `docker stop -t` does: its processes get SIGTERM and `timeout` to exit
+    /// before SIGKILL; then the guest syncs its disks and powers off (the VMM is killed if it
+    /// has not shortly after). Stopping a Box that is not running does nothing.
     pub fn stop(&mut self, timeout: Duration) -> Result<()> {
         let _lock = self.lock()?;
         self.refresh()?;
@@ -365,12 +366,12 @@ impl LiteBox {
             return Ok(());
         }
         if let Ok(session) = self.session(Control::Stop {
-            timeout_secs: timeout.as_secs().max(1),
+            timeout_secs: timeout.as_secs(),
         }) {
             // The shim closes every connection when the guest is gone.
             let _ = session.wait(&mut std::io::sink(), &mut std::io::sink());
         }
-        self.wait_shim_gone(timeout + Duration::from_secs(15))
+        self.wait_shim_gone(timeout + crate::shim::POWEROFF_MARGIN + Duration::from_secs(15))
     }
 
     /// Waits for the Box's shim to exit: the shim records the final state (or removes an

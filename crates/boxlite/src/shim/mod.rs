@@ -9,6 +9,10 @@
 
 pub mod mounts;
 mod router;
+
+/// After a stop's grace period, how long the guest has to kill what is left, sync, unmount and
+/// power off before the VMM is killed.
+pub(crate) const POWEROFF_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
 mod setup;
 
 use std::fs::File;

@@ -174,7 +174,7 @@ impl Router {
         }
         drop(routes);
         if frame.channel == MAIN_CHANNEL && finished {
-            self.request_poweroff();
+            self.request_poweroff(None);
         }
     }
 
@@ -202,9 +202,14 @@ impl Router {
     }
 
     /// Asks the agent to stop everything and power off.
-    pub fn request_poweroff(&self) {
+    /// Asks the guest to power off, giving its processes `grace` (the agent's default when
+    /// `None`) between SIGTERM and SIGKILL.
+    pub fn request_poweroff(&self, grace: Option<Duration>) {
+        let shutdown = Control::Shutdown {
+            grace_secs: grace.map(|g| g.as_secs()),
+        };
         if self
-            .send_agent(&Frame::control(BOX_CHANNEL, &Control::Shutdown))
+            .send_agent(&Frame::control(BOX_CHANNEL, &shutdown))
             .is_err()
         {
             warn!("cannot reach the agent to shut down");
@@ -476,16 +481,18 @@ impl Router {
             .retain(|c| !Arc::ptr_eq(c, conn));
     }
 
-    /// Clean stop: ask the guest to power off; kill the VMM if it has not after `timeout`.
+    /// Clean stop, as `docker stop -t`: the guest's processes get SIGTERM and `timeout` to
+    /// exit before SIGKILL, then the guest syncs and powers off; the VMM is killed if it is
+    /// still there [`super::POWEROFF_MARGIN`] after that.
     pub fn stop(&self, timeout: Duration) {
         if self.inner.stop_requested.swap(true, Ordering::SeqCst) {
             return;
         }
-        info!(box_id = %self.inner.box_id, "stop requested");
-        self.request_poweroff();
+        info!(box_id = %self.inner.box_id, ?timeout, "stop requested");
+        self.request_poweroff(Some(timeout));
         let pid = self.inner.vmm_pid as i32;
         std::thread::spawn(move || {
-            std::thread::sleep(timeout);
+            std::thread::sleep(timeout + super::POWEROFF_MARGIN);
             // SAFETY: kill(2) on the VMM's pid, which this process spawned and has not reaped
             // (the main thread reaps it only after it exits, so the pid cannot be recycled).
             unsafe { libc::kill(pid, libc::SIGKILL) };
