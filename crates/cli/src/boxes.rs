@@ -7,11 +7,12 @@ use anyhow::{bail, Context};
 use boxlite::litebox::{ExecError, ExecOptions, ExecSession, ExitStatus, LiteBox};
 use boxlite::rootfs::size::parse_size;
 use boxlite::runtime::config::{parse_mount, BoxOptions, NetworkKind, PortForward};
-use boxlite::runtime::record::BoxRecord;
+use boxlite::runtime::record::{BoxRecord, BoxState};
 use boxlite::runtime::{Runtime, RuntimeError};
 use boxlite::vmm::accel::{AccelChoice, AccelDecision};
 use clap::{Args, Subcommand};
 
+use crate::table::Table;
 use crate::terminal::{forward_signals, RawMode};
 
 #[derive(Subcommand, Debug)]
@@ -208,6 +209,11 @@ pub fn run(cmd: BoxCommand) -> anyhow::Result<u8> {
         }
         BoxCommand::Start { name } => {
             let mut bx = rt.get(&name)?;
+            if bx.record().state == BoxState::Running {
+                // As docker: starting a running Box is not an error.
+                println!("{}", bx.name());
+                return Ok(0);
+            }
             let decision = bx.start(false)?;
             warn_fallback(&decision);
             println!("{}", bx.name());
@@ -433,24 +439,21 @@ fn list(rt: &Runtime, json: bool) -> anyhow::Result<u8> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(0);
     }
-    println!(
-        "{:<14} {:<20} {:<30} {:<10} STATUS",
-        "ID", "NAME", "IMAGE", "STATE"
-    );
+    let mut table = Table::new(&["ID", "NAME", "IMAGE", "STATE", "STATUS"]);
     for b in &boxes {
         let status = match (&b.exit_reason, b.state.to_string().as_str()) {
             (Some(reason), "exited") => reason.clone(),
             _ => String::new(),
         };
-        println!(
-            "{:<14} {:<20} {:<30} {:<10} {}",
-            &b.id[..12],
-            b.name,
-            b.image,
-            b.state,
-            status
-        );
+        table.row([
+            b.id[..12].to_string(),
+            b.name.clone(),
+            b.image.clone(),
+            b.state.to_string(),
+            status,
+        ]);
     }
+    table.print();
     Ok(0)
 }
 

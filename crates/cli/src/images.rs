@@ -13,6 +13,8 @@ use boxlite::images::pull::PullOptions;
 use boxlite::images::registry::Credential;
 use clap::Subcommand;
 
+use crate::table::Table;
+
 #[derive(Subcommand, Debug)]
 pub enum ImageCommand {
     /// Pull an image from a registry.
@@ -203,17 +205,18 @@ fn list(images: &ImageManager, json: bool) -> anyhow::Result<u8> {
         println!("{}", serde_json::to_string_pretty(&records)?);
         return Ok(0);
     }
-    println!("{:<60} {:<14} {:>10}", "REFERENCE", "IMAGE ID", "SIZE");
+    let mut table = Table::new(&["REFERENCE", "IMAGE ID", "SIZE"]).right(2);
     for record in &records {
         let id = &record.id.hex()[..12];
         let size = human_size(record.size);
         if record.references.is_empty() {
-            println!("{:<60} {:<14} {:>10}", "<none>", id, size);
+            table.row(["<none>", id, &size]);
         }
         for reference in &record.references {
-            println!("{reference:<60} {id:<14} {size:>10}");
+            table.row([reference.as_str(), id, &size]);
         }
     }
+    table.print();
     Ok(0)
 }
 

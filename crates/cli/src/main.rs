@@ -4,6 +4,7 @@
 mod boxes;
 mod images;
 mod snapshots;
+mod table;
 mod terminal;
 mod volumes;
 

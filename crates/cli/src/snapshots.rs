@@ -6,6 +6,8 @@ use boxlite::runtime::usage::SystemUsage;
 use boxlite::runtime::Runtime;
 use clap::Subcommand;
 
+use crate::table::Table;
+
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCommand {
     /// Snapshots of a stopped Box's disk.
@@ -102,10 +104,11 @@ fn snapshot(rt: &Runtime, command: SnapshotSubcommand) -> anyhow::Result<u8> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:<4} {:<40} CREATED", "ID", "NAME");
+                let mut table = Table::new(&["ID", "NAME", "CREATED"]);
                 for s in &list {
-                    println!("{:<4} {:<40} {}", s.id, s.name, utc(s.created_at));
+                    table.row([s.id.to_string(), s.name.clone(), utc(s.created_at)]);
                 }
+                table.print();
             }
         }
         SnapshotSubcommand::Restore { name, snapshot } => {
@@ -123,9 +126,9 @@ fn snapshot(rt: &Runtime, command: SnapshotSubcommand) -> anyhow::Result<u8> {
 fn print_usage(u: &SystemUsage) {
     let boxes: u64 = u.boxes.iter().map(|b| b.disk_bytes).sum();
     let volumes: u64 = u.volumes.iter().map(|v| v.bytes).sum();
-    println!("{:<28} {:>6} {:>10}", "TYPE", "COUNT", "SIZE");
-    let row = |kind: &str, count: usize, bytes: u64| {
-        println!("{kind:<28} {count:>6} {:>10}", human(bytes));
+    let mut table = Table::new(&["TYPE", "COUNT", "SIZE"]).right(1).right(2);
+    let mut row = |kind: &str, count: usize, bytes: u64| {
+        table.row([kind.to_string(), count.to_string(), human(bytes)]);
     };
     row("Image blobs", u.images.count, u.images.blobs_bytes);
     row(
@@ -141,6 +144,7 @@ fn print_usage(u: &SystemUsage) {
         u.shared_layers_bytes,
     );
     row("Volumes", u.volumes.len(), volumes);
+    table.print();
     println!(
         "Total {}, reclaimable by `image prune` {}",
         human(u.total_bytes),
@@ -148,23 +152,24 @@ fn print_usage(u: &SystemUsage) {
     );
     if !u.boxes.is_empty() {
         println!();
-        println!("{:<24} {:<12} {:>10}  IMAGE", "BOX", "STATE", "DISK");
+        let mut table = Table::new(&["BOX", "STATE", "DISK", "IMAGE"]).right(2);
         for b in &u.boxes {
-            println!(
-                "{:<24} {:<12} {:>10}  {}",
-                b.name,
-                b.state,
+            table.row([
+                b.name.clone(),
+                b.state.to_string(),
                 human(b.disk_bytes),
-                b.image
-            );
+                b.image.clone(),
+            ]);
         }
+        table.print();
     }
     if !u.volumes.is_empty() {
         println!();
-        println!("{:<24} {:>10}", "VOLUME", "SIZE");
+        let mut table = Table::new(&["VOLUME", "SIZE"]).right(1);
         for v in &u.volumes {
-            println!("{:<24} {:>10}", v.name, human(v.bytes));
+            table.row([v.name.clone(), human(v.bytes)]);
         }
+        table.print();
     }
 }
 

@@ -112,6 +112,11 @@ fn detached_box_exec_from_another_process_then_stop_and_rm() {
     let b = env.state_of("worker");
     assert_eq!(b["state"], "running");
     assert!(b["vmm_pid"].as_i64().is_some() && b["shim_pid"].as_i64().is_some());
+    assert_eq!(
+        env.ok(&["start", "worker"]),
+        "worker\n",
+        "starting a running Box is not an error"
+    );
 
     // A second, independent CLI process reaches the same Box through its shim.
     let out = env.ok(&[
