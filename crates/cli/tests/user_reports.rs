@@ -39,3 +39,43 @@ fn volume_rm_refuses_a_volume_that_a_created_box_uses() {
     env.ok(&["rm", "v2", "v3"]);
     env.ok(&["volume", "rm", "d2"]);
 }
+
+#[test]
+fn create_refuses_mounts_over_the_root_the_kernel_paths_or_each_other() {
+    let env = Env::new();
+    let img = env.busybox();
+    let host = tempfile::tempdir().unwrap();
+    let host = host.path().to_str().unwrap();
+
+    for (spec, says) in [
+        (format!("{host}:/"), "the destination / would hide"),
+        ("d:/proc".to_string(), "under /proc"),
+        ("d:/sys/kernel".to_string(), "under /sys"),
+        (format!("{host}:/dev"), "under /dev"),
+        ("d:data".to_string(), "must be an absolute path"),
+    ] {
+        let err = fails(&env, &["create", "-v", &spec, img, "true"]);
+        assert!(err.contains(&format!("invalid -v \"{spec}\"")), "{err}");
+        assert!(err.contains(says), "{spec}: {err}");
+    }
+    let err = fails(
+        &env,
+        &[
+            "run",
+            "-v",
+            "d:/data",
+            "-v",
+            &format!("{host}:/data/"),
+            img,
+            "true",
+        ],
+    );
+    assert!(err.contains("already mounts on /data"), "{err}");
+    assert!(env.ls().is_empty(), "nothing was created");
+    let volumes = env.ok(&["volume", "ls", "--json"]);
+    assert_eq!(
+        volumes.trim(),
+        "[]",
+        "no volume was created for a refused Box"
+    );
+}

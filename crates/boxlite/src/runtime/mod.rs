@@ -120,6 +120,7 @@ impl Runtime {
                 opts.cpus, opts.memory_mib
             )));
         }
+        config::validate_mounts(&opts.mounts).map_err(RuntimeError::Invalid)?;
         let id = new_id();
         let name = opts.name.clone().unwrap_or_else(|| id[..12].to_string());
         let db = self.db()?;
