@@ -79,3 +79,24 @@ fn create_refuses_mounts_over_the_root_the_kernel_paths_or_each_other() {
         "no volume was created for a refused Box"
     );
 }
+
+#[test]
+fn create_refuses_a_disk_smaller_than_the_image() {
+    let env = Env::new();
+    let img = env.busybox();
+
+    let err = fails(&env, &["create", "--name", "tiny", "--disk-size", "1K", img]);
+    assert!(err.contains("invalid --disk-size 1K"), "{err}");
+    let minimum = err
+        .split("needs at least ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("names the minimum: {err}"))
+        .trim()
+        .to_string();
+    assert!(env.ls().is_empty(), "nothing was created");
+
+    env.ok(&["create", "--name", "fits", "--disk-size", &minimum, img]);
+    let inspect: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "fits"])).unwrap();
+    let stored = inspect["config"]["disk_size"].as_u64().unwrap();
+    assert_eq!(boxlite::rootfs::size::parse_size(&minimum).unwrap(), stored);
+}

@@ -128,6 +128,7 @@ impl Runtime {
             return Err(RuntimeError::NameInUse(name));
         }
         let resolved = image::resolve(&self.home, &opts)?;
+        check_disk_size(opts.disk_size, resolved.base.size, &resolved.source)?;
         let (rootfs, defaults) = (resolved.source, resolved.defaults);
         let created_volumes = self.ensure_volumes(&opts.mounts)?;
         let paths = BoxPaths::new(&self.home, &id);
@@ -294,6 +295,24 @@ impl Runtime {
     pub fn remove(&self, key: &str, force: bool) -> Result<()> {
         self.get(key)?.remove(force)
     }
+}
+
+/// Refuses a disk smaller than the base filesystem the Box boots from (the disk could not hold
+/// it), naming the minimum rounded up to a MiB.
+fn check_disk_size(requested: u64, base_size: u64, source: &RootfsSource) -> Result<()> {
+    if requested >= base_size {
+        return Ok(());
+    }
+    let minimum = base_size.div_ceil(1 << 20) << 20;
+    let what = match source {
+        RootfsSource::Image { reference, .. } => format!("the image {reference}"),
+        RootfsSource::Dir { path } => format!("the rootfs {path}"),
+    };
+    Err(RuntimeError::Invalid(format!(
+        "invalid --disk-size {}: {what} needs at least {}",
+        crate::rootfs::size::format_size(requested),
+        crate::rootfs::size::format_size(minimum)
+    )))
 }
 
 pub(crate) fn validate_name(name: &str) -> Result<()> {
