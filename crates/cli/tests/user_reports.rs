@@ -85,7 +85,10 @@ fn create_refuses_a_disk_smaller_than_the_image() {
     let env = Env::new();
     let img = env.busybox();
 
-    let err = fails(&env, &["create", "--name", "tiny", "--disk-size", "1K", img]);
+    let err = fails(
+        &env,
+        &["create", "--name", "tiny", "--disk-size", "1K", img],
+    );
     assert!(err.contains("invalid --disk-size 1K"), "{err}");
     let minimum = err
         .split("needs at least ")
@@ -99,4 +102,32 @@ fn create_refuses_a_disk_smaller_than_the_image() {
     let inspect: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "fits"])).unwrap();
     let stored = inspect["config"]["disk_size"].as_u64().unwrap();
     assert_eq!(boxlite::rootfs::size::parse_size(&minimum).unwrap(), stored);
+}
+
+#[test]
+fn a_box_records_the_image_name_the_user_typed() {
+    let env = Env::new();
+    let layout = support::busybox_layout();
+    let layout = layout.to_str().unwrap();
+    let first = env.ok(&["image", "import", layout, "--tag", "localhost/armonly:1"]);
+    let second = env.ok(&["image", "import", layout, "--tag", "localhost/busybox:demo"]);
+    assert_eq!(first, second, "one image with two tags");
+
+    env.ok(&["create", "--name", "c", "localhost/busybox:demo", "true"]);
+    assert_eq!(env.state_of("c")["image"], "localhost/busybox:demo");
+    let inspect: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "c"])).unwrap();
+    assert_eq!(inspect["image"], "localhost/busybox:demo");
+    assert_eq!(
+        inspect["config"]["rootfs"]["reference"],
+        "localhost/busybox:demo"
+    );
+    let table = env.ok(&["ls"]);
+    assert!(table.contains("localhost/busybox:demo"), "{table}");
+    assert!(!table.contains("armonly"), "{table}");
+
+    // By id, the Box takes one of the image's names.
+    let id = first.trim().trim_start_matches("sha256:")[..12].to_string();
+    env.ok(&["create", "--name", "by-id", &id, "true"]);
+    let image = env.state_of("by-id")["image"].as_str().unwrap().to_string();
+    assert!(image.starts_with("localhost/"), "{image}");
 }
