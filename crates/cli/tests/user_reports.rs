@@ -131,3 +131,34 @@ fn a_box_records_the_image_name_the_user_typed() {
     let image = env.state_of("by-id")["image"].as_str().unwrap().to_string();
     assert!(image.starts_with("localhost/"), "{image}");
 }
+
+#[test]
+fn image_rm_by_id_of_a_twice_tagged_image_needs_force() {
+    let env = Env::new();
+    let layout = support::busybox_layout();
+    let layout = layout.to_str().unwrap();
+    let id = env.ok(&["image", "import", layout, "--tag", "localhost/a:1"]);
+    env.ok(&["image", "import", layout, "--tag", "localhost/b:2"]);
+    env.ok(&["image", "import", layout, "--tag", "localhost/c:3"]);
+    let id = id.trim().to_string();
+    let short = &id.trim_start_matches("sha256:")[..12];
+
+    let err = fails(&env, &["image", "rm", short]);
+    assert!(err.contains("several names"), "{err}");
+    assert!(err.contains("localhost/a:1, localhost/b:2, localhost/c:3"), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(env.ok(&["images"]).lines().count(), 4, "nothing removed");
+
+    // One tag untags only that tag.
+    let out = env.ok(&["image", "rm", "localhost/c:3"]);
+    assert_eq!(out, "Untagged: localhost/c:3\n");
+    let images = env.ok(&["images"]);
+    assert!(images.contains("localhost/a:1") && images.contains("localhost/b:2"));
+
+    let out = env.ok(&["image", "rm", "-f", short]);
+    assert_eq!(
+        out,
+        format!("Untagged: localhost/a:1\nUntagged: localhost/b:2\nDeleted: {id}\n")
+    );
+    assert_eq!(env.ok(&["images", "--json"]).trim(), "[]");
+}
