@@ -145,7 +145,10 @@ fn image_rm_by_id_of_a_twice_tagged_image_needs_force() {
 
     let err = fails(&env, &["image", "rm", short]);
     assert!(err.contains("several names"), "{err}");
-    assert!(err.contains("localhost/a:1, localhost/b:2, localhost/c:3"), "{err}");
+    assert!(
+        err.contains("localhost/a:1, localhost/b:2, localhost/c:3"),
+        "{err}"
+    );
     assert!(err.contains("--force"), "{err}");
     assert_eq!(env.ok(&["images"]).lines().count(), 4, "nothing removed");
 
@@ -161,4 +164,72 @@ fn image_rm_by_id_of_a_twice_tagged_image_needs_force() {
         format!("Untagged: localhost/a:1\nUntagged: localhost/b:2\nDeleted: {id}\n")
     );
     assert_eq!(env.ok(&["images", "--json"]).trim(), "[]");
+}
+
+/// The host's CPUs and memory in MiB.
+fn host_size() -> (usize, u64) {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kib: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap();
+    (
+        std::thread::available_parallelism().unwrap().get(),
+        kib >> 10,
+    )
+}
+
+#[test]
+fn memory_takes_units_and_resources_stay_within_the_host() {
+    let env = Env::new();
+    let img = env.busybox();
+    let (cpus, mib) = host_size();
+
+    for (given, stored) in [("1G", 1024), ("768m", 768), ("256", 256)] {
+        let name = format!("m{stored}");
+        env.ok(&["create", "--name", &name, "--memory", given, img, "true"]);
+        let inspect: serde_json::Value =
+            serde_json::from_str(&env.ok(&["inspect", &name])).unwrap();
+        assert_eq!(inspect["config"]["memory_mib"], stored, "--memory {given}");
+    }
+
+    let too_much = format!("{}", mib + 1);
+    let err = fails(&env, &["create", "--memory", &too_much, img, "true"]);
+    assert!(
+        err.contains(&format!("the host has {mib} MiB of memory")),
+        "{err}"
+    );
+    let err = fails(&env, &["run", "--memory", "1x", img, "true"]);
+    assert!(err.contains("invalid --memory \"1x\""), "{err}");
+
+    let err = fails(&env, &["create", "--cpus", &(cpus + 1).to_string(), img]);
+    assert!(
+        err.contains(&format!("invalid --cpus {}: the host has {cpus} CPUs", cpus + 1)),
+        "{err}"
+    );
+    env.ok(&["create", "--name", "all-cpus", "--cpus", &cpus.to_string(), img]);
+    assert_eq!(env.ls().len(), 4, "only the valid Boxes were created");
+}
+
+#[test]
+fn start_reports_the_vmm_error_when_qemu_exits_at_once() {
+    let env = Env::new();
+    let img = env.busybox();
+    env.ok(&["create", "--name", "big", img, "true"]);
+    // A Box recorded with more memory than the host has (by an older boxlite, or on a host that
+    // since shrank): QEMU refuses to allocate it and exits before the guest runs.
+    let db = env.home.path().join("db/boxlite.db");
+    let out = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg("UPDATE boxes SET config = json_set(config, '$.memory_mib', 100000000) WHERE name = 'big'")
+        .output()
+        .expect("sqlite3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let err = fails(&env, &["start", "big"]);
+    assert!(err.contains("cannot set up guest memory"), "{err}");
+    assert!(!err.contains("agent"), "{err}");
 }

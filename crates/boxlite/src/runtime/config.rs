@@ -244,6 +244,32 @@ mod tests {
     }
 }
 
+/// Parses `--memory`: a plain number is MiB; `k`, `m`, `g` and `t` suffixes (any case, an optional
+/// trailing `b`) scale like docker's. Returns whole MiB (rounded down).
+pub fn parse_memory(input: &str) -> Result<u32, String> {
+    let err = |reason: &str| format!("invalid --memory {input:?}: {reason}");
+    let s = input.trim().to_ascii_lowercase();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| err("expected a number of MiB or a size like 512m or 2g"))?;
+    let scale: u64 = match unit.strip_suffix('b').unwrap_or(unit) {
+        "" if unit.is_empty() => 1 << 20,
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(err("the unit must be k, m, g or t")),
+    };
+    let mib = number
+        .checked_mul(scale)
+        .map(|bytes| bytes >> 20)
+        .ok_or_else(|| err("too large"))?;
+    u32::try_from(mib).map_err(|_| err("too large"))
+}
+
 /// Parses `-v HOST:GUEST[:ro|:rw]` (host paths start with `/` or `.`) and `-v VOLUME:GUEST[:ro]`.
 pub fn parse_mount(spec: &str) -> Result<MountConfig, String> {
     let parts: Vec<&str> = spec.split(':').collect();
@@ -350,6 +376,20 @@ mod parse_tests {
         );
         assert!(parse_mount("data:relative").is_err());
         assert!(parse_mount("/nonexistent-boxlite-path:/x").is_err());
+    }
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory("512").unwrap(), 512);
+        assert_eq!(parse_memory("1G").unwrap(), 1024);
+        assert_eq!(parse_memory("1g").unwrap(), 1024);
+        assert_eq!(parse_memory("768m").unwrap(), 768);
+        assert_eq!(parse_memory("768MB").unwrap(), 768);
+        assert_eq!(parse_memory("1048576k").unwrap(), 1024);
+        assert_eq!(parse_memory("1073741824b").unwrap(), 1024);
+        for bad in ["", "1.5g", "1x", "g", "-1"] {
+            assert!(parse_memory(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

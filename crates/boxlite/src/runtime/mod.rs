@@ -120,6 +120,7 @@ impl Runtime {
                 opts.cpus, opts.memory_mib
             )));
         }
+        check_host_resources(opts.cpus, opts.memory_mib)?;
         config::validate_mounts(&opts.mounts).map_err(RuntimeError::Invalid)?;
         let id = new_id();
         let name = opts.name.clone().unwrap_or_else(|| id[..12].to_string());
@@ -295,6 +296,35 @@ impl Runtime {
     pub fn remove(&self, key: &str, force: bool) -> Result<()> {
         self.get(key)?.remove(force)
     }
+}
+
+/// Refuses more CPUs or memory than the host has: QEMU would fail to boot (memory) or crawl for
+/// minutes under TCG (CPUs). A host whose size cannot be read is not limited.
+fn check_host_resources(cpus: u32, memory_mib: u32) -> Result<()> {
+    if let Ok(host_cpus) = std::thread::available_parallelism() {
+        if cpus as usize > host_cpus.get() {
+            return Err(RuntimeError::Invalid(format!(
+                "invalid --cpus {cpus}: the host has {host_cpus} CPUs (at most {host_cpus})"
+            )));
+        }
+    }
+    if let Some(host_mib) = host_memory_mib() {
+        if u64::from(memory_mib) > host_mib {
+            return Err(RuntimeError::Invalid(format!(
+                "invalid --memory {memory_mib} MiB: the host has {host_mib} MiB of memory \
+                 (at most {host_mib} MiB)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `MemTotal` of `/proc/meminfo`, in MiB.
+fn host_memory_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib >> 10)
 }
 
 /// Refuses a disk smaller than the base filesystem the Box boots from (the disk could not hold
