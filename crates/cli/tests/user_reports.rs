@@ -207,10 +207,20 @@ fn memory_takes_units_and_resources_stay_within_the_host() {
 
     let err = fails(&env, &["create", "--cpus", &(cpus + 1).to_string(), img]);
     assert!(
-        err.contains(&format!("invalid --cpus {}: the host has {cpus} CPUs", cpus + 1)),
+        err.contains(&format!(
+            "invalid --cpus {}: the host has {cpus} CPUs",
+            cpus + 1
+        )),
         "{err}"
     );
-    env.ok(&["create", "--name", "all-cpus", "--cpus", &cpus.to_string(), img]);
+    env.ok(&[
+        "create",
+        "--name",
+        "all-cpus",
+        "--cpus",
+        &cpus.to_string(),
+        img,
+    ]);
     assert_eq!(env.ls().len(), 4, "only the valid Boxes were created");
 }
 
@@ -227,9 +237,44 @@ fn start_reports_the_vmm_error_when_qemu_exits_at_once() {
         .arg("UPDATE boxes SET config = json_set(config, '$.memory_mib', 100000000) WHERE name = 'big'")
         .output()
         .expect("sqlite3 runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let err = fails(&env, &["start", "big"]);
     assert!(err.contains("cannot set up guest memory"), "{err}");
     assert!(!err.contains("agent"), "{err}");
+}
+
+#[test]
+fn image_import_says_what_is_wrong_with_the_path_without_its_contents() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("passwd");
+    std::fs::write(
+        &text,
+        "root:x:0:0:root:/root:/bin/bash\nlogin secret-line\n",
+    )
+    .unwrap();
+    let text = text.to_str().unwrap();
+
+    let err = fails(&env, &["image", "import", text]);
+    assert!(
+        err.contains(&format!(
+            "{text} is not an image: not an OCI layout directory, an oci-archive tar or a \
+             docker-save tar"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("root:x") && !err.contains("secret"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    let err = fails(&env, &["image", "import", "/nonexistent"]);
+    assert!(
+        err.contains("no such file or directory: /nonexistent"),
+        "{err}"
+    );
+    assert!(!err.contains("entity not found"), "{err}");
 }
