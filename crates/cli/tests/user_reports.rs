@@ -278,3 +278,38 @@ fn image_import_says_what_is_wrong_with_the_path_without_its_contents() {
     );
     assert!(!err.contains("entity not found"), "{err}");
 }
+
+#[test]
+fn pull_from_an_unreachable_registry_fails_at_once_without_colour_codes() {
+    let env = Env::new();
+    let port = support::free_port();
+    let reference = format!("127.0.0.1:{port}/missing:1");
+
+    let started = std::time::Instant::now();
+    let err = fails(&env, &["pull", &reference]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "no retries: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.contains(&format!("registry 127.0.0.1:{port} is unreachable")),
+        "{err}"
+    );
+    assert!(err.contains("connection refused"), "{err}");
+    assert!(!err.contains("WARN") && !err.contains("retrying"), "{err}");
+
+    let started = std::time::Instant::now();
+    let err = fails(&env, &["run", "boxlite-no-such-host.invalid/x:1", "true"]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert!(
+        err.contains("registry boxlite-no-such-host.invalid is unreachable"),
+        "{err}"
+    );
+    assert!(err.contains("does not resolve"), "{err}");
+
+    // Diagnostics written to a file carry no terminal colour codes.
+    let err = fails(&env, &["--log-level", "debug", "pull", &reference]);
+    assert!(err.contains("DEBUG"), "{err}");
+    assert!(!err.contains('\x1b'), "{err:?}");
+}
