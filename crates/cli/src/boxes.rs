@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use boxlite::litebox::{ExecError, ExecOptions, ExecSession, ExitStatus, LiteBox};
 use boxlite::rootfs::size::parse_size;
-use boxlite::runtime::config::{parse_mount, BoxOptions, NetworkKind, PortForward};
+use boxlite::runtime::config::{parse_memory, parse_mount, BoxOptions, NetworkKind, PortForward};
 use boxlite::runtime::record::{BoxRecord, BoxState};
 use boxlite::runtime::{Runtime, RuntimeError};
 use boxlite::vmm::accel::{AccelChoice, AccelDecision};
@@ -150,9 +150,9 @@ pub struct BoxFlags {
     entrypoint: Option<String>,
     #[arg(long, default_value_t = 1)]
     cpus: u32,
-    /// Memory in MiB.
-    #[arg(long, default_value_t = 512)]
-    memory: u32,
+    /// Memory: MiB, or with a unit (k, m, g), e.g. 1g.
+    #[arg(long, default_value = "512")]
+    memory: String,
     /// Virtual size of the Box's disk (thin), e.g. 10G.
     #[arg(long = "disk-size", default_value = "10G")]
     disk_size: String,
@@ -295,7 +295,7 @@ fn box_options(
     opts.user = flags.user;
     opts.tty = flags.tty;
     opts.cpus = flags.cpus;
-    opts.memory_mib = flags.memory;
+    opts.memory_mib = parse_memory(&flags.memory).map_err(anyhow::Error::msg)?;
     opts.disk_size = parse_size(&flags.disk_size)?;
     opts.mounts = flags
         .volumes

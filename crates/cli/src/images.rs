@@ -69,6 +69,9 @@ pub enum ImageSubcommand {
     Rm {
         #[arg(required = true)]
         references: Vec<String>,
+        /// Given an image id, remove the image even when several references name it.
+        #[arg(short, long)]
+        force: bool,
     },
     /// Remove unnamed images and everything no image needs.
     Prune,
@@ -104,13 +107,15 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<u8> {
                     .with_context(|| format!("unpacking {reference} into {}", dir.display()))?;
                 Ok(0)
             }
-            ImageSubcommand::Rm { references } => {
+            ImageSubcommand::Rm { references, force } => {
                 let in_use = images_in_use(&home, &images)?;
                 for reference in references {
                     let report = images
-                        .remove(&reference, &in_use)
+                        .remove_with(&reference, &in_use, force)
                         .with_context(|| format!("removing {reference}"))?;
-                    println!("Untagged: {reference}");
+                    for name in &report.untagged {
+                        println!("Untagged: {name}");
+                    }
                     print_removed(&report);
                 }
                 Ok(0)

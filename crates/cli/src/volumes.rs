@@ -5,7 +5,7 @@ use boxlite::home::Home;
 use boxlite::rootfs::size::{format_size, parse_size};
 use boxlite::runtime::record::release_stale_leases;
 use boxlite::state::Db;
-use boxlite::volumes::Volumes;
+use boxlite::volumes::{Volume, Volumes};
 use clap::{Args, Subcommand};
 
 #[derive(Subcommand, Debug)]
@@ -90,14 +90,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<u8> {
                     "NAME", "SIZE", "USED", "BACKING"
                 );
                 for v in list {
-                    let users = v
-                        .in_use_by
-                        .iter()
-                        .map(|h| {
-                            format!("{}({})", h.box_id, if h.read_write { "rw" } else { "ro" })
-                        })
-                        .collect::<Vec<_>>()
-                        .join(",");
+                    let users = in_use_by(&v);
                     println!(
                         "{:<24} {:>8} {:>10} {:<16} {}",
                         v.name,
@@ -147,6 +140,23 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// The Boxes that attach a volume, by name: `web(running,rw),batch(ro)`.
+fn in_use_by(volume: &Volume) -> String {
+    volume
+        .used_by
+        .iter()
+        .map(|u| {
+            let mode = if u.read_write { "rw" } else { "ro" };
+            if u.running {
+                format!("{}(running,{mode})", u.box_name)
+            } else {
+                format!("{}({mode})", u.box_name)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Bytes for people: `1.5M`, `320K`, `12G`.

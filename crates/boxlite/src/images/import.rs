@@ -39,6 +39,8 @@ pub enum ImportError {
         #[source]
         source: std::io::Error,
     },
+    #[error("no such file or directory: {0}")]
+    NotFound(PathBuf),
     #[error("{path} is not an image: {reason}")]
     NotAnImage { path: PathBuf, reason: String },
     #[error("{path}: {what} is malformed")]
@@ -102,12 +104,18 @@ pub struct ImportedImage {
 pub fn import(store: &ImageStore, path: &Path, tag: Option<&Reference>) -> Result<ImportedImage> {
     let (path, selector) = split_selector(path);
     let path = path.as_path();
-    if !path.exists() {
-        return Err(ImportError::Io {
-            action: "opening",
-            path: path.to_path_buf(),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        });
+    match std::fs::metadata(path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ImportError::NotFound(path.to_path_buf()))
+        }
+        Err(source) => {
+            return Err(ImportError::Io {
+                action: "opening",
+                path: path.to_path_buf(),
+                source,
+            })
+        }
     }
     let mut source = if path.is_dir() {
         Source::Dir(path.to_path_buf())
@@ -126,9 +134,9 @@ pub fn import(store: &ImageStore, path: &Path, tag: Option<&Reference>) -> Resul
     } else {
         return Err(ImportError::NotAnImage {
             path: path.to_path_buf(),
-            reason: "neither an OCI layout (oci-layout, index.json) nor a docker save \
-                     archive (manifest.json)"
-                .to_string(),
+            reason: format!(
+                "{NOT_AN_ARCHIVE} (it has neither oci-layout and index.json nor manifest.json)"
+            ),
         });
     };
     if let Some(tag) = tag {
@@ -170,8 +178,12 @@ fn read_tar(store: &ImageStore, path: &Path) -> Result<HashMap<String, Member>> 
     let file = File::open(path).map_err(|e| io_err("opening", e))?;
     let mut archive = tar::Archive::new(file);
     let mut members = HashMap::new();
-    for entry in archive.entries().map_err(|e| io_err("reading tar", e))? {
-        let mut entry = entry.map_err(|e| io_err("reading tar", e))?;
+    for (index, entry) in archive
+        .entries()
+        .map_err(|e| io_err("reading tar", e))?
+        .enumerate()
+    {
+        let mut entry = entry.map_err(|e| tar_header_error(path, index, e))?;
         let name = normalise(&entry.path_bytes());
         let kind = entry.header().entry_type();
         if kind.is_symlink() || kind.is_hard_link() {
@@ -220,6 +232,30 @@ fn read_tar(store: &ImageStore, path: &Path) -> Result<HashMap<String, Member>> 
         members.insert(name, Member::Stored(digest));
     }
     Ok(members)
+}
+
+/// What `image import` reads, for messages about anything else.
+const NOT_AN_ARCHIVE: &str = "not an OCI layout directory, an oci-archive tar or a docker-save tar";
+
+/// A tar header that does not parse. The tar reader's message quotes the header's bytes, which
+/// for a file that is no tar at all are its contents: say what is wrong without them.
+fn tar_header_error(path: &Path, index: usize, source: std::io::Error) -> ImportError {
+    if index == 0 {
+        return ImportError::NotAnImage {
+            path: path.to_path_buf(),
+            reason: format!("{NOT_AN_ARCHIVE} (it does not start with a tar header)"),
+        };
+    }
+    let reason = source.to_string();
+    let reason = reason.split([':', '\n']).next().unwrap_or("").trim();
+    ImportError::Io {
+        action: "reading tar",
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            source.kind(),
+            format!("the header of member {} is corrupt ({reason})", index + 1),
+        ),
+    }
 }
 
 /// `./a//b` → `a/b`.

@@ -70,6 +70,8 @@ pub struct ImageRecord {
 /// What a prune or removal freed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PruneReport {
+    /// References removed (`image rm`), in the order removed.
+    pub untagged: Vec<String>,
     pub images_removed: Vec<Digest>,
     pub blobs_removed: usize,
     pub layers_removed: usize,
@@ -93,6 +95,15 @@ pub enum ImageError {
     NotFound(String),
     #[error("{query:?} matches several images: {matches}")]
     Ambiguous { query: String, matches: String },
+    #[error(
+        "image {query} ({id}) is referenced by several names ({references}): remove them one \
+         by one, or all of them with --force"
+    )]
+    SeveralReferences {
+        query: String,
+        id: Digest,
+        references: String,
+    },
     #[error("image {id} ({reference}) is used by a Box; remove the Box first")]
     InUse { id: Digest, reference: String },
     #[error("image database")]
@@ -381,12 +392,25 @@ impl ImageManager {
     /// When no reference is left the image goes, with the blobs and layers no other image
     /// uses. An image in `in_use` (ids) is never removed.
     pub fn remove(&self, query: &str, in_use: &[Digest]) -> Result<PruneReport> {
+        self.remove_with(query, in_use, true)
+    }
+
+    /// [`Self::remove`], where an id naming an image with several references removes it only
+    /// with `force` (as `docker rmi` does); a reference removes only itself either way.
+    pub fn remove_with(&self, query: &str, in_use: &[Digest], force: bool) -> Result<PruneReport> {
         let record = self.get(query)?;
         let by_reference = query
             .parse::<Reference>()
             .ok()
             .map(|r| r.to_string())
             .filter(|r| record.references.contains(r));
+        if by_reference.is_none() && record.references.len() > 1 && !force {
+            return Err(ImageError::SeveralReferences {
+                query: query.to_string(),
+                id: record.id.clone(),
+                references: record.references.join(", "),
+            });
+        }
         let remaining = match &by_reference {
             Some(r) => record.references.iter().filter(|x| *x != r).count(),
             None => 0,
@@ -422,7 +446,13 @@ impl ImageManager {
             }
             tx.commit()?;
         }
-        let mut report = PruneReport::default();
+        let mut report = PruneReport {
+            untagged: match by_reference {
+                Some(r) => vec![r],
+                None => record.references.clone(),
+            },
+            ..PruneReport::default()
+        };
         if remaining == 0 {
             info!(id = %record.id, "image removed");
             report.images_removed.push(record.id.clone());

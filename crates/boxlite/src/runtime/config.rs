@@ -244,6 +244,32 @@ mod tests {
     }
 }
 
+/// Parses `--memory`: a plain number is MiB; `k`, `m`, `g` and `t` suffixes (any case, an optional
+/// trailing `b`) scale like docker's. Returns whole MiB (rounded down).
+pub fn parse_memory(input: &str) -> Result<u32, String> {
+    let err = |reason: &str| format!("invalid --memory {input:?}: {reason}");
+    let s = input.trim().to_ascii_lowercase();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| err("expected a number of MiB or a size like 512m or 2g"))?;
+    let scale: u64 = match unit.strip_suffix('b').unwrap_or(unit) {
+        "" if unit.is_empty() => 1 << 20,
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(err("the unit must be k, m, g or t")),
+    };
+    let mib = number
+        .checked_mul(scale)
+        .map(|bytes| bytes >> 20)
+        .ok_or_else(|| err("too large"))?;
+    u32::try_from(mib).map_err(|_| err("too large"))
+}
+
 /// Parses `-v HOST:GUEST[:ro|:rw]` (host paths start with `/` or `.`) and `-v VOLUME:GUEST[:ro]`.
 pub fn parse_mount(spec: &str) -> Result<MountConfig, String> {
     let parts: Vec<&str> = spec.split(':').collect();
@@ -251,20 +277,16 @@ pub fn parse_mount(spec: &str) -> Result<MountConfig, String> {
         [s, g] => (*s, *g, false),
         [s, g, "ro"] => (*s, *g, true),
         [s, g, "rw"] => (*s, *g, false),
-        _ => {
-            return Err(format!(
-                "invalid volume {spec:?}: expected SOURCE:GUEST[:ro]"
-            ))
-        }
+        _ => return Err(format!("invalid -v {spec:?}: expected SOURCE:GUEST[:ro]")),
     };
-    if source.is_empty() || !guest.starts_with('/') {
-        return Err(format!(
-            "invalid volume {spec:?}: the guest path must be absolute"
-        ));
+    if source.is_empty() {
+        return Err(format!("invalid -v {spec:?}: expected SOURCE:GUEST[:ro]"));
     }
+    let guest = mount_destination(guest).map_err(|e| format!("invalid -v {spec:?}: {e}"))?;
+    let guest = guest.as_str();
     if source.starts_with('/') || source.starts_with('.') {
         let host = std::fs::canonicalize(source)
-            .map_err(|e| format!("invalid volume {spec:?}: host path {source}: {e}"))?;
+            .map_err(|e| format!("invalid -v {spec:?}: host path {source}: {e}"))?;
         Ok(MountConfig::HostPath {
             host: host.display().to_string(),
             guest: guest.into(),
@@ -277,6 +299,65 @@ pub fn parse_mount(spec: &str) -> Result<MountConfig, String> {
             readonly,
         })
     }
+}
+
+/// Guest paths the Box's kernel and agent own: a mount there would hide what the Box needs.
+const RESERVED_DESTINATIONS: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+/// Checks a mount's guest path and returns it normalised (`/data/./x/` → `/data/x`): absolute,
+/// not the root and not under `/proc`, `/sys` or `/dev`.
+pub fn mount_destination(guest: &str) -> Result<String, String> {
+    if !guest.starts_with('/') {
+        return Err(format!(
+            "the destination {guest:?} must be an absolute path in the Box"
+        ));
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for part in guest.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    let normalised = format!("/{}", parts.join("/"));
+    if normalised == "/" {
+        return Err("the destination / would hide the Box's root filesystem".to_string());
+    }
+    if let Some(reserved) = RESERVED_DESTINATIONS
+        .iter()
+        .find(|r| normalised == **r || normalised.starts_with(&format!("{r}/")))
+    {
+        return Err(format!(
+            "the destination {normalised} is under {reserved}, which the Box's kernel provides"
+        ));
+    }
+    Ok(normalised)
+}
+
+/// Checks the mounts of a Box together: every destination valid (see [`mount_destination`]) and
+/// no two mounts on the same one.
+pub fn validate_mounts(mounts: &[MountConfig]) -> Result<(), String> {
+    let mut seen: Vec<(String, String)> = Vec::new();
+    for mount in mounts {
+        let (source, guest) = match mount {
+            MountConfig::HostPath { host, guest, .. } => (host, guest),
+            MountConfig::Volume { name, guest, .. } => (name, guest),
+        };
+        let spec = format!("{source}:{guest}");
+        let destination =
+            mount_destination(guest).map_err(|e| format!("invalid -v {spec:?}: {e}"))?;
+        if let Some((other, _)) = seen.iter().find(|(_, d)| *d == destination) {
+            return Err(format!(
+                "invalid -v {spec:?}: -v {other:?} already mounts on {destination}; \
+                 two mounts cannot share a destination"
+            ));
+        }
+        seen.push((spec, destination));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -295,5 +376,45 @@ mod parse_tests {
         );
         assert!(parse_mount("data:relative").is_err());
         assert!(parse_mount("/nonexistent-boxlite-path:/x").is_err());
+    }
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory("512").unwrap(), 512);
+        assert_eq!(parse_memory("1G").unwrap(), 1024);
+        assert_eq!(parse_memory("1g").unwrap(), 1024);
+        assert_eq!(parse_memory("768m").unwrap(), 768);
+        assert_eq!(parse_memory("768MB").unwrap(), 768);
+        assert_eq!(parse_memory("1048576k").unwrap(), 1024);
+        assert_eq!(parse_memory("1073741824b").unwrap(), 1024);
+        for bad in ["", "1.5g", "1x", "g", "-1"] {
+            assert!(parse_memory(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn destinations() {
+        assert_eq!(mount_destination("/data/./x/").unwrap(), "/data/x");
+        assert_eq!(mount_destination("/device").unwrap(), "/device");
+        for bad in [
+            "/",
+            "//",
+            "/x/..",
+            "data",
+            "/proc",
+            "/sys/fs",
+            "/dev/",
+            "/x/../dev/shm",
+        ] {
+            assert!(mount_destination(bad).is_err(), "{bad}");
+        }
+        let on = |guest: &str| MountConfig::Volume {
+            name: "v".into(),
+            guest: guest.into(),
+            readonly: false,
+        };
+        assert!(validate_mounts(&[on("/a"), on("/b")]).is_ok());
+        let err = validate_mounts(&[on("/a"), on("/a/")]).unwrap_err();
+        assert!(err.contains("already mounts on /a"), "{err}");
     }
 }

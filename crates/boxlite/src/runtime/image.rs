@@ -11,6 +11,7 @@ use crate::home::Home;
 use crate::images::assemble::AssembleMode;
 use crate::images::manager::{ImageError, ImageManager, ImageRecord};
 use crate::images::pull::PullOptions;
+use crate::images::reference::Reference;
 use crate::rootfs::base::{self, BaseDisk};
 
 /// What a Box is created from.
@@ -58,11 +59,7 @@ pub fn resolve(home: &Home, opts: &BoxOptions) -> Result<ResolvedRootfs> {
         user: config.user.clone().unwrap_or_default(),
     };
     let source = RootfsSource::Image {
-        reference: record
-            .references
-            .first()
-            .cloned()
-            .unwrap_or_else(|| reference.to_string()),
+        reference: recorded_reference(reference, &record),
         image_id: record.id.to_string(),
     };
     Ok(ResolvedRootfs {
@@ -70,6 +67,22 @@ pub fn resolve(home: &Home, opts: &BoxOptions) -> Result<ResolvedRootfs> {
         defaults,
         base,
     })
+}
+
+/// The name a Box records for its image: what the user typed, normalised, when it names the
+/// image (a tag or a repo digest); for an id, the image's first reference (or the id typed).
+fn recorded_reference(typed: &str, record: &ImageRecord) -> String {
+    let normalised = typed.parse::<Reference>().ok().map(|r| r.to_string());
+    if let Some(name) = normalised.filter(|n| {
+        record.references.contains(n) || record.repo_digest.as_deref() == Some(n.as_str())
+    }) {
+        return name;
+    }
+    record
+        .references
+        .first()
+        .cloned()
+        .unwrap_or_else(|| typed.to_string())
 }
 
 type BoxedError = Box<dyn std::error::Error + Send + Sync>;

@@ -120,6 +120,8 @@ impl Runtime {
                 opts.cpus, opts.memory_mib
             )));
         }
+        check_host_resources(opts.cpus, opts.memory_mib)?;
+        config::validate_mounts(&opts.mounts).map_err(RuntimeError::Invalid)?;
         let id = new_id();
         let name = opts.name.clone().unwrap_or_else(|| id[..12].to_string());
         let db = self.db()?;
@@ -127,6 +129,7 @@ impl Runtime {
             return Err(RuntimeError::NameInUse(name));
         }
         let resolved = image::resolve(&self.home, &opts)?;
+        check_disk_size(opts.disk_size, resolved.base.size, &resolved.source)?;
         let (rootfs, defaults) = (resolved.source, resolved.defaults);
         let created_volumes = self.ensure_volumes(&opts.mounts)?;
         let paths = BoxPaths::new(&self.home, &id);
@@ -293,6 +296,53 @@ impl Runtime {
     pub fn remove(&self, key: &str, force: bool) -> Result<()> {
         self.get(key)?.remove(force)
     }
+}
+
+/// Refuses more CPUs or memory than the host has: QEMU would fail to boot (memory) or crawl for
+/// minutes under TCG (CPUs). A host whose size cannot be read is not limited.
+fn check_host_resources(cpus: u32, memory_mib: u32) -> Result<()> {
+    if let Ok(host_cpus) = std::thread::available_parallelism() {
+        if cpus as usize > host_cpus.get() {
+            return Err(RuntimeError::Invalid(format!(
+                "invalid --cpus {cpus}: the host has {host_cpus} CPUs (at most {host_cpus})"
+            )));
+        }
+    }
+    if let Some(host_mib) = host_memory_mib() {
+        if u64::from(memory_mib) > host_mib {
+            return Err(RuntimeError::Invalid(format!(
+                "invalid --memory {memory_mib} MiB: the host has {host_mib} MiB of memory \
+                 (at most {host_mib} MiB)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `MemTotal` of `/proc/meminfo`, in MiB.
+fn host_memory_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib >> 10)
+}
+
+/// Refuses a disk smaller than the base filesystem the Box boots from (the disk could not hold
+/// it), naming the minimum rounded up to a MiB.
+fn check_disk_size(requested: u64, base_size: u64, source: &RootfsSource) -> Result<()> {
+    if requested >= base_size {
+        return Ok(());
+    }
+    let minimum = base_size.div_ceil(1 << 20) << 20;
+    let what = match source {
+        RootfsSource::Image { reference, .. } => format!("the image {reference}"),
+        RootfsSource::Dir { path } => format!("the rootfs {path}"),
+    };
+    Err(RuntimeError::Invalid(format!(
+        "invalid --disk-size {}: {what} needs at least {}",
+        crate::rootfs::size::format_size(requested),
+        crate::rootfs::size::format_size(minimum)
+    )))
 }
 
 pub(crate) fn validate_name(name: &str) -> Result<()> {

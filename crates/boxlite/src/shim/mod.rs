@@ -89,6 +89,9 @@ fn boot_and_serve(args: &ShimArgs, ready: &mut Option<File>) -> Result<(), Strin
     let mut prepared = setup::prepare(&home, &record, &paths, args.accel, assets)?;
     let engine = QemuEngine::default();
     let _ = std::fs::remove_file(paths.console_log());
+    let vmm_log_start = std::fs::metadata(paths.vmm_log())
+        .map(|m| m.len())
+        .unwrap_or(0);
     let mut vmm = engine.spawn(&prepared.vm).map_err(|e| e.to_string())?;
     let vmm_pid = vmm.id();
     info!(box_id = %record.id, vmm_pid, accel = %args.accel, "guest launched");
@@ -97,6 +100,10 @@ fn boot_and_serve(args: &ShimArgs, ready: &mut Option<File>) -> Result<(), Strin
     let (agent, ip) = match booted {
         Ok(v) => v,
         Err(e) => {
+            let e = match vmm_exit_error(&paths, &mut vmm, vmm_log_start) {
+                Some(vmm_error) => vmm_error,
+                None => e,
+            };
             let _ = vmm.kill();
             let _ = vmm.wait();
             let console = console_tail(&paths);
@@ -156,7 +163,7 @@ fn connect_and_setup(
     let started = Instant::now();
     let mut stream = loop {
         if let Ok(Some(status)) = vmm.try_wait() {
-            return Err(format!("the VMM exited at once ({status}): see vmm.log"));
+            return Err(format!("the VMM exited at once ({status})"));
         }
         match UnixStream::connect(paths.agent_socket()) {
             Ok(s) => break s,
@@ -203,6 +210,44 @@ fn connect_and_setup(
             Err(e) => return Err(format!("reading from the agent: {e}")),
         }
     }
+}
+
+/// When the VMM failed by itself (now or within a moment; a guest that powers off exits
+/// cleanly and keeps the agent's reason), what it said: the error lines QEMU
+/// wrote to vmm.log during this start. Its reason, not the agent socket's, is what a user needs.
+fn vmm_exit_error(
+    paths: &BoxPaths,
+    vmm: &mut std::process::Child,
+    log_start: u64,
+) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let status = loop {
+        match vmm.try_wait() {
+            Ok(Some(status)) if status.success() => return None,
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => return None,
+        }
+    };
+    let log = std::fs::read(paths.vmm_log()).unwrap_or_default();
+    let new = String::from_utf8_lossy(log.get(log_start as usize..).unwrap_or_default());
+    let lines: Vec<&str> = new
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let said: Vec<&str> = match lines.iter().filter(|l| l.starts_with("qemu")).count() {
+        0 => lines.last().into_iter().copied().collect(),
+        _ => lines
+            .into_iter()
+            .filter(|l| l.starts_with("qemu"))
+            .collect(),
+    };
+    Some(if said.is_empty() {
+        format!("the VMM exited ({status}) without a message in vmm.log")
+    } else {
+        format!("the VMM exited ({status}): {}", said.join("; "))
+    })
 }
 
 /// Waits up to `timeout` for `stream` to have data (or be closed).

@@ -126,8 +126,20 @@ pub struct Volume {
     pub path: PathBuf,
     /// Bytes the disk file occupies on the host.
     pub allocated: u64,
-    /// Boxes holding the volume now.
+    /// Boxes holding the volume now (running ones).
     pub in_use_by: Vec<Holder>,
+    /// Every Box whose configuration attaches the volume, whatever its state.
+    pub used_by: Vec<BoxUse>,
+}
+
+/// A Box whose configuration attaches a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BoxUse {
+    pub box_id: String,
+    pub box_name: String,
+    /// Whether the Box holds the volume now (it is running).
+    pub running: bool,
+    pub read_write: bool,
 }
 
 /// A Box's hold on a volume, from [`Volumes::acquire`] until [`Volumes::release`].
@@ -281,6 +293,7 @@ impl Volumes {
             created_at,
             path,
             allocated,
+            used_by: users(conn, name)?,
             in_use_by: holders(conn, name)?,
         })
     }
@@ -298,7 +311,7 @@ impl Volumes {
         names.iter().map(|n| self.get(n)).collect()
     }
 
-    /// Removes a volume no Box holds and no volume is built on.
+    /// Removes a volume that no Box attaches (running or not) and no volume is built on.
     pub fn remove(&mut self, name: &str) -> Result<()> {
         validate_volume_name(name)?;
         let dir = self.home.volume_dir(name);
@@ -307,7 +320,7 @@ impl Volumes {
             .conn_mut()
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         row(&tx, name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
-        refuse_if_held(&tx, name)?;
+        refuse_if_used(&tx, name)?;
         refuse_if_backing(&tx, name, "remove those first")?;
         tx.execute("DELETE FROM volumes WHERE name = ?1", [name])?;
         tx.commit()?;
@@ -487,6 +500,70 @@ fn holders(conn: &rusqlite::Connection, name: &str) -> Result<Vec<Holder>> {
         })
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The Boxes whose configuration attaches volume `name`, whatever their state, plus Boxes that
+/// hold a lease on it without such a record (oldest first).
+fn users(conn: &rusqlite::Connection, name: &str) -> Result<Vec<BoxUse>> {
+    /// The part of a Box's stored configuration that names its volumes.
+    #[derive(serde::Deserialize)]
+    struct Mounts {
+        #[serde(default)]
+        mounts: Vec<crate::runtime::config::MountConfig>,
+    }
+    let held = holders(conn, name)?;
+    let mut stmt = conn.prepare("SELECT id, name, config FROM boxes ORDER BY created_at, id")?;
+    let boxes: Vec<(String, String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut out = Vec::new();
+    for (box_id, box_name, config) in boxes {
+        let Ok(config) = serde_json::from_str::<Mounts>(&config) else {
+            continue;
+        };
+        let attached = config.mounts.iter().find_map(|m| match m {
+            crate::runtime::config::MountConfig::Volume {
+                name: v, readonly, ..
+            } if v == name => Some(!readonly),
+            _ => None,
+        });
+        if let Some(read_write) = attached {
+            let running = held.iter().any(|h| h.box_id == box_id);
+            out.push(BoxUse {
+                box_id,
+                box_name,
+                running,
+                read_write,
+            });
+        }
+    }
+    for h in held {
+        if !out.iter().any(|u| u.box_id == h.box_id) {
+            out.push(BoxUse {
+                box_id: h.box_id,
+                box_name: h.box_name,
+                running: true,
+                read_write: h.read_write,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Refuses while any Box attaches volume `name`, running or not (starting it would fail).
+fn refuse_if_used(conn: &rusqlite::Connection, name: &str) -> Result<()> {
+    let used = users(conn, name)?;
+    if used.is_empty() {
+        return Ok(());
+    }
+    Err(VolumeError::InUse {
+        name: name.to_string(),
+        boxes: used
+            .iter()
+            .map(|u| u.box_name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
 }
 
 /// The name of Box `id`, or the id itself when no Box record has it.

@@ -369,10 +369,7 @@ impl RegistryClient {
         self.agent
             .post(realm)
             .send_form(form)
-            .map_err(|source| RegistryError::Transport {
-                url: strip_query(realm),
-                source: Box::new(source),
-            })
+            .map_err(|source| RegistryError::transport(strip_query(realm), source))
     }
 
     /// A GET that follows redirects itself, dropping `authorization` when the origin changes.
@@ -391,10 +388,9 @@ impl RegistryClient {
             if let Some(a) = &authorization {
                 req = req.header("Authorization", a.expose());
             }
-            let resp = req.call().map_err(|source| RegistryError::Transport {
-                url: strip_query(&current),
-                source: Box::new(source),
-            })?;
+            let resp = req
+                .call()
+                .map_err(|source| RegistryError::transport(strip_query(&current), source))?;
             let status = resp.status();
             debug!(url = %strip_query(&current), status = status.as_u16(), "registry response");
             if !status.is_redirection() || status.as_u16() == 304 {

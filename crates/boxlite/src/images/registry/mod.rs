@@ -33,6 +33,14 @@ pub enum RegistryError {
         #[source]
         source: Box<ureq::Error>,
     },
+    /// The registry cannot be reached at all: its name does not resolve, or nothing listens
+    /// at its address. Trying again at once would not help, so this is not transient.
+    #[error("registry {host} is unreachable ({url}): {reason}")]
+    Unreachable {
+        host: String,
+        url: String,
+        reason: String,
+    },
     /// Reading a response body failed midway.
     #[error("reading the response from {url} failed")]
     Body {
@@ -94,7 +102,36 @@ pub enum RegistryError {
 }
 
 impl RegistryError {
-    /// Whether trying again later could succeed: network trouble, 5xx, 408 and 429.
+    /// The error of a request that got no HTTP answer: [`RegistryError::Unreachable`] when the
+    /// name does not resolve or the connection is refused, else [`RegistryError::Transport`].
+    pub fn transport(url: String, source: ureq::Error) -> RegistryError {
+        let reason = match &source {
+            ureq::Error::HostNotFound => Some("its host name does not resolve".to_string()),
+            ureq::Error::ConnectionFailed => Some("no connection could be made".to_string()),
+            ureq::Error::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                Some("connection refused".to_string())
+            }
+            // std reports a failed name lookup as an uncategorised error with this text.
+            ureq::Error::Io(e) if e.to_string().contains("failed to lookup address") => {
+                Some(format!("its host name does not resolve ({e})"))
+            }
+            _ => None,
+        };
+        match reason {
+            Some(reason) => RegistryError::Unreachable {
+                host: url_host(&url).to_string(),
+                url,
+                reason,
+            },
+            None => RegistryError::Transport {
+                url,
+                source: Box::new(source),
+            },
+        }
+    }
+
+    /// Whether trying again later could succeed: network trouble (resets, timeouts), 5xx, 408
+    /// and 429; not an unreachable registry.
     pub fn is_transient(&self) -> bool {
         match self {
             RegistryError::Transport { .. } | RegistryError::Body { .. } => true,
@@ -104,6 +141,12 @@ impl RegistryError {
             _ => false,
         }
     }
+}
+
+/// `host[:port]` of `scheme://host[:port]/path`.
+fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.split(['/', '?']).next().unwrap_or(rest)
 }
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
