@@ -8,6 +8,8 @@ use boxlite::state::Db;
 use boxlite::volumes::{Volume, Volumes};
 use clap::{Args, Subcommand};
 
+use crate::table::Table;
+
 #[derive(Subcommand, Debug)]
 pub enum VolumeCommand {
     /// Create a volume (a thin qcow2 disk, formatted ext4 on first use in a Box).
@@ -85,21 +87,20 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<u8> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!(
-                    "{:<24} {:>8} {:>10} {:<16} IN USE BY",
-                    "NAME", "SIZE", "USED", "BACKING"
-                );
+                let mut table = Table::new(&["NAME", "SIZE", "USED", "BACKING", "IN USE BY"])
+                    .right(1)
+                    .right(2);
                 for v in list {
                     let users = in_use_by(&v);
-                    println!(
-                        "{:<24} {:>8} {:>10} {:<16} {}",
-                        v.name,
+                    table.row([
+                        v.name.clone(),
                         format_size(v.size),
                         human(v.allocated),
-                        v.backing.as_deref().unwrap_or("-"),
-                        if users.is_empty() { "-" } else { &users }
-                    );
+                        v.backing.clone().unwrap_or_else(|| "-".into()),
+                        if users.is_empty() { "-".into() } else { users },
+                    ]);
                 }
+                table.print();
             }
         }
         VolumeCommand::Rm { name } => {
@@ -128,10 +129,11 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<u8> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:<32} CREATED", "NAME");
+                let mut table = Table::new(&["NAME", "CREATED"]);
                 for s in snaps {
-                    println!("{:<32} {}", s.name, s.date_sec);
+                    table.row([s.name.clone(), crate::snapshots::utc(s.date_sec)]);
                 }
+                table.print();
             }
         }
         VolumeCommand::Revert { name, snapshot } => {

@@ -232,16 +232,16 @@ fn start_reports_the_vmm_error_when_qemu_exits_at_once() {
     // A Box recorded with more memory than the host has (by an older boxlite, or on a host that
     // since shrank): QEMU refuses to allocate it and exits before the guest runs.
     let db = env.home.path().join("db/boxlite.db");
-    let out = std::process::Command::new("sqlite3")
-        .arg(&db)
-        .arg("UPDATE boxes SET config = json_set(config, '$.memory_mib', 100000000) WHERE name = 'big'")
-        .output()
-        .expect("sqlite3 runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let changed = conn
+        .execute(
+            "UPDATE boxes SET config = json_set(config, '$.memory_mib', 100000000) \
+             WHERE name = 'big'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(conn);
 
     let err = fails(&env, &["start", "big"]);
     assert!(err.contains("cannot set up guest memory"), "{err}");

@@ -93,7 +93,16 @@ fn volume_lifecycle_through_the_cli() {
     qemu_io(&["-f", "qcow2", "-c", "write -P 0x61 0 64k", f]);
     ok(home, &["volume", "snapshot", "data", "first"]);
     qemu_io(&["-f", "qcow2", "-c", "write -P 0x62 0 64k", f]);
-    assert!(ok(home, &["volume", "snapshots", "data"]).contains("first"));
+    let snaps = ok(home, &["volume", "snapshots", "data"]);
+    let line = snaps
+        .lines()
+        .find(|l| l.starts_with("first "))
+        .expect(&snaps);
+    let date = line.split_whitespace().nth(1).unwrap_or_default();
+    assert!(
+        date.len() == 10 && date.as_bytes()[4] == b'-' && date.as_bytes()[7] == b'-',
+        "a date, not seconds since 1970: {snaps}"
+    );
     ok(home, &["volume", "revert", "data", "first"]);
     qemu_io(&["-r", "-f", "qcow2", "-c", "read -P 0x61 0 64k", f]);
     qemu_img_check_clean(&file);

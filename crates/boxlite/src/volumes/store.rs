@@ -512,7 +512,7 @@ fn users(conn: &rusqlite::Connection, name: &str) -> Result<Vec<BoxUse>> {
         mounts: Vec<crate::runtime::config::MountConfig>,
     }
     let held = holders(conn, name)?;
-    let mut stmt = conn.prepare("SELECT id, name, config FROM boxes ORDER BY created_at, id")?;
+    let mut stmt = conn.prepare("SELECT id, name, config FROM boxes ORDER BY created_at, name")?;
     let boxes: Vec<(String, String, String)> = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<rusqlite::Result<_>>()?;
