@@ -88,6 +88,19 @@ pub enum NetworkError {
 /// Result type of this module.
 pub type Result<T, E = NetworkError> = std::result::Result<T, E>;
 
+/// `error` and its causes on one line (`a: b: c`), for messages that cross a process boundary
+/// as text (the shim's answers and its start report), where the chain would otherwise be lost.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Which backend serves the Box's NIC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -294,7 +307,7 @@ impl FrameCounters {
         self.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
     }
 
-    /// The counts so far; the fields these backends cannot observe stay 0.
+    /// The counts so far; the fields these backends cannot observe are unknown (`None`).
     pub(crate) fn metrics(&self) -> NetworkMetrics {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         NetworkMetrics {
@@ -430,7 +443,8 @@ impl NetworkConfig {
     }
 }
 
-/// Counters of one backend. Fields a backend cannot observe stay 0.
+/// Counters of one backend. The counters a backend cannot observe (libslirp and passt keep
+/// their connections to themselves) are `None`, shown as unknown rather than as 0.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkMetrics {
     /// Bytes of Ethernet frames from the guest.
@@ -440,19 +454,19 @@ pub struct NetworkMetrics {
     pub rx_bytes: u64,
     pub rx_packets: u64,
     /// TCP connections open now (NAT and forwards).
-    pub tcp_connections: u64,
+    pub tcp_connections: Option<u64>,
     /// TCP connections opened since start.
-    pub tcp_connections_total: u64,
+    pub tcp_connections_total: Option<u64>,
     /// UDP flows open now.
-    pub udp_flows: u64,
+    pub udp_flows: Option<u64>,
     /// Guest connects refused (by the destination or by policy).
-    pub refused_connects: u64,
+    pub refused_connects: Option<u64>,
     /// DHCP leases handed out (ACKs).
-    pub dhcp_leases: u64,
+    pub dhcp_leases: Option<u64>,
     /// DNS queries answered.
-    pub dns_queries: u64,
+    pub dns_queries: Option<u64>,
     /// Frames dropped as malformed or unsupported.
-    pub dropped_frames: u64,
+    pub dropped_frames: Option<u64>,
 }
 
 /// The interface every backend implements; the shim holds it through [`NetworkHandle`].
