@@ -12,6 +12,7 @@
 //! loopback only when the Box was created with `allow_host`.
 
 pub mod framing;
+mod host_alias;
 pub mod libslirp;
 pub mod passt;
 pub mod usernet;
@@ -581,9 +582,14 @@ impl NetworkBackend for NoNetwork {
     }
 }
 
-/// The host's resolvers from `/etc/resolv.conf` (port 53), IPv4 and IPv6.
+/// The host's resolvers from `/etc/resolv.conf` (port 53), IPv4 and IPv6. `BOXLITE_RESOLV_CONF`
+/// names another file to read them from (for a host whose resolvers live elsewhere, and tests).
 pub fn host_resolvers() -> Vec<SocketAddr> {
-    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let path = std::env::var_os("BOXLITE_RESOLV_CONF")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/resolv.conf"));
+    let text = std::fs::read_to_string(path).unwrap_or_default();
     parse_resolv_conf(&text)
 }
 
