@@ -78,13 +78,15 @@ pub enum BoxCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum PortCommand {
-    /// Forward [IP:]HOSTPORT:GUESTPORT[/tcp|/udp] to the running Box (HOSTPORT 0 picks one).
+    /// Forward [IP:]HOSTPORT:GUESTPORT[/tcp|/udp] to the Box, now if it runs and at every
+    /// start (HOSTPORT 0 picks one).
     Add {
         #[arg(value_name = "BOX")]
         name: String,
         forward: String,
     },
-    /// Remove a forward.
+    /// Remove a forward, now and for good: [IP:]HOSTPORT:GUESTPORT[/PROTO], or HOSTPORT[/PROTO]
+    /// when only one forward uses that host port.
     Rm {
         #[arg(value_name = "BOX")]
         name: String,
@@ -474,8 +476,9 @@ fn port(rt: &Runtime, command: PortCommand) -> anyhow::Result<u8> {
             println!("{}", added);
         }
         PortCommand::Rm { name, forward } => {
-            let spec: PortForward = forward.parse()?;
-            rt.get(&name)?.port_remove(&spec)?;
+            let mut bx = rt.get(&name)?;
+            let spec = bx.resolve_forward(&forward)?;
+            bx.port_remove(&spec)?;
         }
         PortCommand::Ls { name, json } => {
             let ports = rt.get(&name)?.ports()?;
@@ -497,7 +500,7 @@ fn print_stats(stats: &serde_json::Value) {
         println!("network:");
         if let Some(map) = net.as_object() {
             for (k, v) in map {
-                println!("  {k:<24} {v}");
+                println!("  {k:<24} {}", stat_cell(v));
             }
         }
     } else {
@@ -506,7 +509,16 @@ fn print_stats(stats: &serde_json::Value) {
     println!("resources:");
     if let Some(map) = stats["resources"].as_object() {
         for (k, v) in map {
-            println!("  {k:<24} {v}");
+            println!("  {k:<24} {}", stat_cell(v));
         }
+    }
+}
+
+/// One value of the stats table; a counter the backend cannot know (null) shows as `-`.
+fn stat_cell(value: &serde_json::Value) -> String {
+    if value.is_null() {
+        "-".into()
+    } else {
+        value.to_string()
     }
 }

@@ -306,31 +306,128 @@ impl LiteBox {
         Ok(value)
     }
 
-    /// Adds a port forward to the running Box; returns the forward in effect (with the port
-    /// chosen when the host port was 0).
+    /// Adds a port forward: to the running Box at once (the answer has the port chosen when
+    /// the host port was 0), and to the Box's config, so that it survives stop and start. A
+    /// Box that is not running only records it for its next start.
     pub fn port_add(
         &mut self,
         forward: &crate::net::PortForward,
     ) -> Result<crate::net::PortForward> {
-        let value = self.query_json(
-            Control::PortAdd {
-                forward: forward.to_spec(),
-            },
-            "add a port",
-        )?;
-        serde_json::from_value(value).map_err(|e| RuntimeError::Shim {
-            name: self.record.name.clone(),
-            message: format!("bad answer from the shim: {e}"),
+        self.refresh()?;
+        if self.record.config.network == crate::net::NetworkKind::None {
+            return Err(RuntimeError::Invalid(format!(
+                "cannot publish port {} on box {}: it was created with --network none",
+                forward.to_spec(),
+                self.record.name
+            )));
+        }
+        let added = if self.record.state == BoxState::Running {
+            let value = self.query_json(
+                Control::PortAdd {
+                    forward: forward.to_spec(),
+                },
+                "add a port",
+            )?;
+            serde_json::from_value(value).map_err(|e| RuntimeError::Shim {
+                name: self.record.name.clone(),
+                message: format!("bad answer from the shim: {e}"),
+            })?
+        } else {
+            *forward
+        };
+        self.update_ports(|ports| {
+            if !ports.contains(&added) {
+                ports.push(added);
+            }
+            Ok(())
+        })?;
+        Ok(added)
+    }
+
+    /// Removes a port forward from the running Box (if it runs) and from its config.
+    pub fn port_remove(&mut self, forward: &crate::net::PortForward) -> Result<()> {
+        self.refresh()?;
+        let running = self.record.state == BoxState::Running;
+        if running {
+            self.query(
+                Control::PortRemove {
+                    forward: forward.to_spec(),
+                },
+                "remove a port",
+            )?;
+        }
+        let f = *forward;
+        let name = self.record.name.clone();
+        self.update_ports(move |ports| {
+            let before = ports.len();
+            ports.retain(|p| *p != f);
+            if ports.len() == before {
+                // A `-p 0:GUEST` forward is stored with port 0 and runs on the port picked at
+                // start: removing the running one removes the stored one.
+                if let Some(i) = ports.iter().position(|p| {
+                    p.host_port == 0
+                        && (p.host_ip, p.guest_port, p.protocol)
+                            == (f.host_ip, f.guest_port, f.protocol)
+                }) {
+                    ports.remove(i);
+                }
+            }
+            if ports.len() == before && !running {
+                return Err(RuntimeError::Invalid(format!(
+                    "box {name} has no port forward {}",
+                    f.to_spec()
+                )));
+            }
+            Ok(())
         })
     }
 
-    pub fn port_remove(&mut self, forward: &crate::net::PortForward) -> Result<()> {
-        self.query(
-            Control::PortRemove {
-                forward: forward.to_spec(),
-            },
-            "remove a port",
-        )?;
+    /// The forward `spec` names: a full `[IP:]HOSTPORT:GUESTPORT[/PROTO]`, or a bare
+    /// `HOSTPORT[/PROTO]` when exactly one of the Box's forwards has that host port.
+    pub fn resolve_forward(&mut self, spec: &str) -> Result<crate::net::PortForward> {
+        let bare = spec
+            .split_once('/')
+            .map_or((spec, None), |(p, proto)| (p, Some(proto)));
+        let Ok(host_port) = bare.0.parse::<u16>() else {
+            return spec
+                .parse()
+                .map_err(|e: crate::net::NetworkError| RuntimeError::Invalid(e.to_string()));
+        };
+        let matching: Vec<crate::net::PortForward> = self
+            .ports()?
+            .into_iter()
+            .filter(|p| p.host_port == host_port)
+            .filter(|p| bare.1.is_none_or(|proto| p.protocol.to_string() == proto))
+            .collect();
+        match matching.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(RuntimeError::Invalid(format!(
+                "box {} has no port forward on host port {spec}",
+                self.record.name
+            ))),
+            many => Err(RuntimeError::Invalid(format!(
+                "host port {spec} of box {} is ambiguous ({}): give the whole forward",
+                self.record.name,
+                many.iter()
+                    .map(|p| p.to_spec())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// Changes the stored port forwards under the Box's lock.
+    fn update_ports(
+        &mut self,
+        change: impl FnOnce(&mut Vec<crate::net::PortForward>) -> Result<()>,
+    ) -> Result<()> {
+        let _lock = self.lock()?;
+        let db = self.runtime.db()?;
+        let mut record = BoxRecord::get(&db, &self.record.id)?
+            .ok_or_else(|| RuntimeError::BoxNotFound(self.record.name.clone()))?;
+        change(&mut record.config.ports)?;
+        BoxRecord::update_config(&db, &record.id, &record.config)?;
+        self.refresh()?;
         Ok(())
     }
 

@@ -9,16 +9,23 @@
 //! releasing it first (libslirp cannot report the port it chose).
 //!
 //! Addressing follows the Box topology: network 192.168.127.0/24, gateway and DNS
-//! 192.168.127.1, DHCP from 192.168.127.2. libslirp can map only its gateway address to the
-//! host's loopback, so `allow_host` here means "the gateway reaches the host's loopback"; without
-//! it the mapping is disabled (`disable_host_loopback`). The host alias 192.168.127.254 does not
-//! exist in this backend.
+//! 192.168.127.1, DHCP from 192.168.127.2. libslirp sends connects to any address of its network
+//! libslirp sends connects to its gateway (`vhost`) to the host's loopback, unless
+//! `disable_host_loopback`, which is set unless the Box allows host access, and refuses other
+//! addresses of its network. The host alias 192.168.127.254 is rewritten to the gateway on the
+//! way in and back on the way out (see [`crate::net::host_alias`]), and since libslirp answers
+//! ARP only for its own addresses, this backend answers ARP for the alias itself. The gateway
+//! thus leads to the host's loopback too when host access is allowed; both are refused
+//! otherwise.
 //!
-//! DNS: without an override libslirp forwards queries to the host's resolv.conf itself. With a
-//! `--dns` override, libslirp's DNS is disabled and UDP queries to 192.168.127.1:53 are taken
-//! out of the frame stream before libslirp sees them and answered by usernet's forwarder (same
-//! upstream choice, EDNS-aware truncation, `host.boxlite.internal`); DNS over TCP is then not
-//! served (libslirp has no hook for it), so resolvers get TC answers they cannot retry.
+//! DNS: libslirp's own DNS is disabled, and its nameserver address is one nothing uses
+//! (192.168.127.3): as the gateway, it would send every connect to the gateway to the host's
+//! resolver. UDP queries to 192.168.127.1:53 are taken out of the frame stream before libslirp
+//! sees them and answered by usernet's forwarder, from the `--dns` servers or the host's
+//! resolvers (same upstream choice, EDNS-aware truncation, `host.boxlite.internal`). Known
+//! shortcomings: DNS over TCP is not served (libslirp has no hook for it), so resolvers get TC
+//! answers they cannot retry; and libslirp's DHCP offers 192.168.127.3 as resolver, which only
+//! a guest that ignores the Box's /etc/resolv.conf would use.
 
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::io::{self, Read, Write};
@@ -33,6 +40,7 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::net::framing::FrameDecoder;
+use crate::net::host_alias::{HostAlias, Verdict};
 use crate::net::{
     FrameCounters, NetworkBackend, NetworkConfig, NetworkError, NetworkKind, NetworkMetrics,
     NetworkOptions, PortForward, Protocol, Result, Topology,
@@ -238,7 +246,11 @@ impl NetworkBackend for Libslirp {
             forwards: self.options.port_forwards.clone(),
             counters: self.counters.clone(),
             forward_list: self.forwards.clone(),
-            dns_override: self.options.dns.clone(),
+            dns_upstreams: if self.options.dns.is_empty() {
+                crate::net::host_resolvers()
+            } else {
+                self.options.dns.clone()
+            },
         };
         let thread = std::thread::Builder::new()
             .name("libslirp".into())
@@ -314,8 +326,8 @@ struct LoopSetup {
     forwards: Vec<PortForward>,
     counters: Arc<FrameCounters>,
     forward_list: Arc<Mutex<Vec<PortForward>>>,
-    /// Upstream resolvers of the DNS override; empty: libslirp's own DNS.
-    dns_override: Vec<SocketAddr>,
+    /// Where the guest's DNS queries to the gateway go.
+    dns_upstreams: Vec<SocketAddr>,
 }
 
 /// A DNS answer computed off the loop thread, to be framed toward the guest.
@@ -351,6 +363,55 @@ fn dns_query(frame: &[u8]) -> Option<([u8; 6], SocketAddrV4, Vec<u8>)> {
     ))
 }
 
+/// libslirp's nameserver address: one the guest is never told about (see the module doc).
+const UNUSED_NAMESERVER: Ipv4Addr = Ipv4Addr::new(192, 168, 127, 3);
+
+/// The ARP reply for a guest asking who has the host alias, which libslirp does not answer
+/// itself. The MAC follows libslirp's scheme for its own addresses (52:55 and the IPv4 address).
+fn alias_arp_reply(frame: &[u8]) -> Option<Vec<u8>> {
+    use smoltcp::wire::{
+        ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+        EthernetRepr,
+    };
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Arp {
+        return None;
+    }
+    let arp = ArpPacket::new_checked(eth.payload()).ok()?;
+    let ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr,
+        source_protocol_addr,
+        target_protocol_addr,
+        ..
+    } = ArpRepr::parse(&arp).ok()?
+    else {
+        return None;
+    };
+    if target_protocol_addr != Topology::HOST_ALIAS {
+        return None;
+    }
+    let [a, b, c, d] = Topology::HOST_ALIAS.octets();
+    let alias_mac = EthernetAddress([0x52, 0x55, a, b, c, d]);
+    let reply = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Reply,
+        source_hardware_addr: alias_mac,
+        source_protocol_addr: Topology::HOST_ALIAS,
+        target_hardware_addr: source_hardware_addr,
+        target_protocol_addr: source_protocol_addr,
+    };
+    let eth_repr = EthernetRepr {
+        src_addr: alias_mac,
+        dst_addr: source_hardware_addr,
+        ethertype: EthernetProtocol::Arp,
+    };
+    let mut buf = vec![0u8; eth_repr.buffer_len() + reply.buffer_len()];
+    let mut out = EthernetFrame::new_unchecked(&mut buf[..]);
+    eth_repr.emit(&mut out);
+    reply.emit(&mut ArpPacket::new_unchecked(out.payload_mut()));
+    Some(buf)
+}
+
 /// A libslirp timer: either an id for `slirp_handle_timer` or a plain callback.
 struct Timer {
     id: c_int,
@@ -362,6 +423,7 @@ struct Timer {
 /// What libslirp's callbacks reach through their opaque pointer; lives on the loop thread.
 struct CbState {
     qemu: Option<UnixStream>,
+    alias: HostAlias,
     counters: Arc<FrameCounters>,
     start: Instant,
     timers: Vec<*mut Timer>,
@@ -376,6 +438,7 @@ unsafe extern "C" fn cb_send_packet(buf: *const c_void, len: usize, opaque: *mut
     if let Some(q) = st.qemu.as_mut() {
         let mut framed = Vec::with_capacity(len + 4);
         crate::net::framing::encode_into(&mut framed, frame);
+        st.alias.inbound(&mut framed[4..]);
         if q.write_all(&framed).is_ok() {
             st.counters.count_rx(len);
         }
@@ -607,7 +670,7 @@ fn spawn_dns(
     guest: SocketAddrV4,
     query: Vec<u8>,
 ) -> bool {
-    let upstreams = setup.dns_override.clone();
+    let upstreams = setup.dns_upstreams.clone();
     let tx = tx.clone();
     let wake_fd = setup.wake.clone();
     let spawned = std::thread::Builder::new()
@@ -653,7 +716,7 @@ fn run(setup: LoopSetup, commands: Receiver<Command>, ready: Sender<Result<()>>)
         tftp_path: std::ptr::null(),
         bootfile: std::ptr::null(),
         vdhcp_start: in_addr(Topology::GUEST),
-        vnameserver: in_addr(Topology::GATEWAY),
+        vnameserver: in_addr(UNUSED_NAMESERVER),
         vnameserver6: zero6,
         vdnssearch: std::ptr::null(),
         vdomainname: domain.as_ptr(),
@@ -663,7 +726,7 @@ fn run(setup: LoopSetup, commands: Receiver<Command>, ready: Sender<Result<()>>)
         enable_emu: false,
         outbound_addr: std::ptr::null(),
         outbound_addr6: std::ptr::null(),
-        disable_dns: !setup.dns_override.is_empty(),
+        disable_dns: true,
         disable_dhcp: false,
     };
     let callbacks = ffi::SlirpCb {
@@ -681,6 +744,7 @@ fn run(setup: LoopSetup, commands: Receiver<Command>, ready: Sender<Result<()>>)
     };
     let mut st = Box::new(CbState {
         qemu: None,
+        alias: HostAlias::for_policed_gateway(setup.allow_host),
         counters: setup.counters.clone(),
         start: Instant::now(),
         timers: Vec::new(),
@@ -780,17 +844,25 @@ fn run(setup: LoopSetup, commands: Receiver<Command>, ready: Sender<Result<()>>)
                     }
                     Some(Ok(n)) => {
                         decoder.push(&buf[..n]);
-                        while let Ok(Some(frame)) = decoder.next_frame() {
+                        while let Ok(Some(mut frame)) = decoder.next_frame() {
                             setup.counters.count_tx(frame.len());
-                            if !setup.dns_override.is_empty() {
-                                if let Some((mac, guest, query)) = dns_query(&frame) {
-                                    if dns_in_flight < 64
-                                        && spawn_dns(&setup, &dns_tx, mac, guest, query)
-                                    {
-                                        dns_in_flight += 1;
-                                    }
-                                    continue;
+                            if let Some(reply) = alias_arp_reply(&frame) {
+                                // SAFETY: as for the DNS answers below.
+                                unsafe {
+                                    cb_send_packet(reply.as_ptr().cast(), reply.len(), opaque)
+                                };
+                                continue;
+                            }
+                            if st.alias.outbound(&mut frame) == Verdict::Drop {
+                                continue;
+                            }
+                            if let Some((mac, guest, query)) = dns_query(&frame) {
+                                if dns_in_flight < 64
+                                    && spawn_dns(&setup, &dns_tx, mac, guest, query)
+                                {
+                                    dns_in_flight += 1;
                                 }
+                                continue;
                             }
                             // SAFETY: frame is a valid buffer of its length.
                             unsafe {

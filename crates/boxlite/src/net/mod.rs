@@ -12,6 +12,7 @@
 //! loopback only when the Box was created with `allow_host`.
 
 pub mod framing;
+mod host_alias;
 pub mod libslirp;
 pub mod passt;
 pub mod usernet;
@@ -87,6 +88,19 @@ pub enum NetworkError {
 
 /// Result type of this module.
 pub type Result<T, E = NetworkError> = std::result::Result<T, E>;
+
+/// `error` and its causes on one line (`a: b: c`), for messages that cross a process boundary
+/// as text (the shim's answers and its start report), where the chain would otherwise be lost.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
 
 /// Which backend serves the Box's NIC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -294,7 +308,7 @@ impl FrameCounters {
         self.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
     }
 
-    /// The counts so far; the fields these backends cannot observe stay 0.
+    /// The counts so far; the fields these backends cannot observe are unknown (`None`).
     pub(crate) fn metrics(&self) -> NetworkMetrics {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         NetworkMetrics {
@@ -430,7 +444,8 @@ impl NetworkConfig {
     }
 }
 
-/// Counters of one backend. Fields a backend cannot observe stay 0.
+/// Counters of one backend. The counters a backend cannot observe (libslirp and passt keep
+/// their connections to themselves) are `None`, shown as unknown rather than as 0.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkMetrics {
     /// Bytes of Ethernet frames from the guest.
@@ -440,19 +455,19 @@ pub struct NetworkMetrics {
     pub rx_bytes: u64,
     pub rx_packets: u64,
     /// TCP connections open now (NAT and forwards).
-    pub tcp_connections: u64,
+    pub tcp_connections: Option<u64>,
     /// TCP connections opened since start.
-    pub tcp_connections_total: u64,
+    pub tcp_connections_total: Option<u64>,
     /// UDP flows open now.
-    pub udp_flows: u64,
+    pub udp_flows: Option<u64>,
     /// Guest connects refused (by the destination or by policy).
-    pub refused_connects: u64,
+    pub refused_connects: Option<u64>,
     /// DHCP leases handed out (ACKs).
-    pub dhcp_leases: u64,
+    pub dhcp_leases: Option<u64>,
     /// DNS queries answered.
-    pub dns_queries: u64,
+    pub dns_queries: Option<u64>,
     /// Frames dropped as malformed or unsupported.
-    pub dropped_frames: u64,
+    pub dropped_frames: Option<u64>,
 }
 
 /// The interface every backend implements; the shim holds it through [`NetworkHandle`].
@@ -567,9 +582,14 @@ impl NetworkBackend for NoNetwork {
     }
 }
 
-/// The host's resolvers from `/etc/resolv.conf` (port 53), IPv4 and IPv6.
+/// The host's resolvers from `/etc/resolv.conf` (port 53), IPv4 and IPv6. `BOXLITE_RESOLV_CONF`
+/// names another file to read them from (for a host whose resolvers live elsewhere, and tests).
 pub fn host_resolvers() -> Vec<SocketAddr> {
-    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let path = std::env::var_os("BOXLITE_RESOLV_CONF")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/resolv.conf"));
+    let text = std::fs::read_to_string(path).unwrap_or_default();
     parse_resolv_conf(&text)
 }
 

@@ -5,9 +5,23 @@
 //! to `nobody`, so that directory is handed to nobody); QEMU connects to a socket of ours, and a
 //! relay thread pair copies frames between the two while counting them, which gives this backend
 //! the same byte and packet counters as the others. passt is told the Box topology (`-a
-//! 192.168.127.2 -n 24 -g 192.168.127.1`, DNS forwarded from 192.168.127.1) and, unless the Box
-//! allows host access, `--no-map-gw` so the gateway does not lead to the host's loopback. Port
-//! forwards become `-t`/`-u` options at start; passt cannot change them while running.
+//! 192.168.127.2 -n 24 -g 192.168.127.1`). Port forwards become `-t`/`-u` options at start;
+//! passt cannot change them while running.
+//!
+//! DNS: queries to 192.168.127.1 are forwarded (`--dns-forward`) to the first upstream given by
+//! `-D`: the `--dns` override (port 53 only: passt has no port option) or else the host's first
+//! IPv4 resolver, the same choice usernet makes. Known shortcoming of passt 2023-03: of the
+//! loopback addresses it reaches only 127.0.0.1 as resolver, so on a host whose resolver is
+//! e.g. systemd-resolved's 127.0.0.53 the guest's queries go unanswered.
+//!
+//! Host access: passt maps its gateway to the host's loopback unless `--no-map-gw`; the relay
+//! presents that mapping to the guest as the host alias 192.168.127.254 and keeps the alias and
+//! the gateway from leaking to the real network (see [`crate::net::host_alias`]).
+//!
+//! Lifetime: passt runs with `--one-off` and the relay connects to it at once, so passt quits
+//! when that connection closes, which the kernel does when the shim ends however it ends (also
+//! by SIGKILL, where no cleanup of ours runs). passt drops privileges, which clears a
+//! parent-death signal, so that could not be relied on.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -20,6 +34,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 
+use crate::net::framing::{encode_into, FrameDecoder};
+use crate::net::host_alias::{HostAlias, Verdict};
 use crate::net::{
     FrameCounters, NetworkBackend, NetworkConfig, NetworkError, NetworkKind, NetworkMetrics,
     NetworkOptions, PortForward, Protocol, Result, Topology,
@@ -91,12 +107,7 @@ impl NetworkBackend for Passt {
         if self.running.is_some() {
             return Err(NetworkError::AlreadyRunning(NetworkKind::Passt));
         }
-        if !self.options.dns.is_empty() {
-            return Err(NetworkError::Unsupported {
-                backend: NetworkKind::Passt,
-                what: "a DNS override (passt forwards DNS to the host's first resolver)".into(),
-            });
-        }
+        let upstream = dns_upstream(&self.options)?;
         let path = self.options.socket_path()?;
         let private_dir = self.options.socket_dir.join("passt.d");
         let passt_sock = private_dir.join("s");
@@ -128,8 +139,16 @@ impl NetworkBackend for Passt {
                 "192.168.127.1",
             ])
             .args(["-m", &Topology::MTU.to_string()])
-            .args(["--dns-forward", "192.168.127.1", "-D", "192.168.127.1"])
+            .args([
+                "--dns-forward",
+                "192.168.127.1",
+                "--no-dhcp-dns",
+                "--one-off",
+            ])
             .args(["-S", Topology::DOMAIN]);
+        if let Some(ip) = upstream {
+            cmd.arg("-D").arg(ip.to_string());
+        }
         if !self.options.allow_host {
             cmd.arg("--no-map-gw");
         }
@@ -178,14 +197,23 @@ impl NetworkBackend for Passt {
             std::thread::sleep(Duration::from_millis(20));
         }
 
+        // Connected now, not when the VMM comes: passt (--one-off) ends with this connection.
+        let passt = match UnixStream::connect(&passt_sock) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(spawn_err("cannot connect to its socket", Some(e)));
+            }
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let relay = {
             let stop = stop.clone();
             let counters = self.counters.clone();
-            let passt_sock = passt_sock.clone();
+            let alias = HostAlias::for_open_gateway(self.options.allow_host);
             std::thread::Builder::new()
                 .name("passt-relay".into())
-                .spawn(move || accept_loop(listener, &passt_sock, &counters, &stop))
+                .spawn(move || accept_loop(listener, passt, &counters, &alias, &stop))
                 .map_err(|e| spawn_err("cannot start the relay thread", Some(e)))?
         };
         self.forwards = forwards.clone();
@@ -244,11 +272,31 @@ impl Drop for Passt {
     }
 }
 
-/// Accepts the VMM (one at a time) and relays it to passt until told to stop.
+/// The upstream resolver passt forwards the guest's DNS to: the first `--dns` (which must use
+/// port 53), else the host's first IPv4 resolver; `None` leaves the choice to passt.
+fn dns_upstream(options: &NetworkOptions) -> Result<Option<std::net::IpAddr>> {
+    if let Some(server) = options.dns.first() {
+        if server.port() != 53 {
+            return Err(NetworkError::Unsupported {
+                backend: NetworkKind::Passt,
+                what: format!("DNS server {server} (passt forwards DNS to port 53 only)"),
+            });
+        }
+        return Ok(Some(server.ip()));
+    }
+    Ok(crate::net::host_resolvers()
+        .into_iter()
+        .map(|s| s.ip())
+        .find(|ip| ip.is_ipv4()))
+}
+
+/// Accepts the VMM (once) and relays it to passt until either side closes or we are told to
+/// stop.
 fn accept_loop(
     listener: UnixListener,
-    passt_sock: &Path,
+    passt: UnixStream,
     counters: &FrameCounters,
+    alias: &HostAlias,
     stop: &AtomicBool,
 ) {
     let _ = listener.set_nonblocking(true);
@@ -256,44 +304,66 @@ fn accept_loop(
         match listener.accept() {
             Ok((vmm, _)) => {
                 let _ = vmm.set_nonblocking(false);
-                match UnixStream::connect(passt_sock) {
-                    Ok(passt) => relay(vmm, passt, counters, stop),
-                    Err(e) => debug!(error = %e, "cannot reach passt's socket"),
-                }
+                relay(vmm, passt, counters, alias, stop);
+                return;
             }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
 }
 
-/// Copies frames both ways until either side closes; counts them as they pass.
-fn relay(vmm: UnixStream, passt: UnixStream, counters: &FrameCounters, stop: &AtomicBool) {
+/// Copies frames both ways until either side closes; counts them as they pass and applies the
+/// host alias.
+fn relay(
+    vmm: UnixStream,
+    passt: UnixStream,
+    counters: &FrameCounters,
+    alias: &HostAlias,
+    stop: &AtomicBool,
+) {
     let (Ok(vmm2), Ok(passt2)) = (vmm.try_clone(), passt.try_clone()) else {
         return;
     };
     std::thread::scope(|s| {
         s.spawn(|| {
-            copy_counting(&vmm, &passt2, &|len| counters.count_tx(len), stop);
+            copy_frames(
+                &vmm,
+                &passt2,
+                &|frame| {
+                    counters.count_tx(frame.len());
+                    alias.outbound(frame)
+                },
+                stop,
+            );
             let _ = passt2.shutdown(std::net::Shutdown::Both);
         });
-        copy_counting(&passt, &vmm2, &|len| counters.count_rx(len), stop);
+        copy_frames(
+            &passt,
+            &vmm2,
+            &|frame| {
+                counters.count_rx(frame.len());
+                alias.inbound(frame);
+                Verdict::Pass
+            },
+            stop,
+        );
         let _ = vmm2.shutdown(std::net::Shutdown::Both);
         let _ = vmm.shutdown(std::net::Shutdown::Both);
     });
 }
 
-fn copy_counting(
+/// Reads frames from `from`, lets `each` look at (and rewrite or drop) every one, and writes
+/// the ones it passes to `to`.
+fn copy_frames(
     mut from: &UnixStream,
     mut to: &UnixStream,
-    count: &dyn Fn(usize),
+    each: &dyn Fn(&mut [u8]) -> Verdict,
     stop: &AtomicBool,
 ) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(200)));
     let mut buf = vec![0u8; 65536];
-    // Where the next frame header starts, relative to the bytes seen so far.
-    let mut header = [0u8; 4];
-    let mut header_have = 0usize;
-    let mut body_left = 0usize;
+    let mut decoder = FrameDecoder::new();
+    let mut out = Vec::with_capacity(65536 + 4);
     while !stop.load(Ordering::Relaxed) {
         let n = match from.read(&mut buf) {
             Ok(0) => return,
@@ -307,26 +377,21 @@ fn copy_counting(
             }
             Err(_) => return,
         };
-        if to.write_all(&buf[..n]).is_err() {
-            return;
+        decoder.push(&buf[..n]);
+        out.clear();
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(mut frame)) => {
+                    if each(&mut frame) == Verdict::Pass {
+                        encode_into(&mut out, &frame);
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => return,
+            }
         }
-        let mut rest = &buf[..n];
-        while !rest.is_empty() {
-            if body_left > 0 {
-                let take = body_left.min(rest.len());
-                body_left -= take;
-                rest = &rest[take..];
-                continue;
-            }
-            let take = (4 - header_have).min(rest.len());
-            header[header_have..header_have + take].copy_from_slice(&rest[..take]);
-            header_have += take;
-            rest = &rest[take..];
-            if header_have == 4 {
-                header_have = 0;
-                body_left = u32::from_be_bytes(header) as usize;
-                count(body_left);
-            }
+        if !out.is_empty() && to.write_all(&out).is_err() {
+            return;
         }
     }
 }

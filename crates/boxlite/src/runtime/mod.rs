@@ -122,6 +122,7 @@ impl Runtime {
         }
         check_host_resources(opts.cpus, opts.memory_mib)?;
         config::validate_mounts(&opts.mounts).map_err(RuntimeError::Invalid)?;
+        validate_network(&opts)?;
         let id = new_id();
         let name = opts.name.clone().unwrap_or_else(|| id[..12].to_string());
         let db = self.db()?;
@@ -343,6 +344,30 @@ fn check_disk_size(requested: u64, base_size: u64, source: &RootfsSource) -> Res
         crate::rootfs::size::format_size(requested),
         crate::rootfs::size::format_size(minimum)
     )))
+}
+
+/// Refuses network options the chosen backend cannot honour, before anything is made (a Box
+/// that could never start is not created).
+fn validate_network(opts: &BoxOptions) -> Result<()> {
+    use crate::net::NetworkKind;
+    if opts.network == NetworkKind::None && !opts.ports.is_empty() {
+        let specs: Vec<String> = opts.ports.iter().map(|p| p.to_spec()).collect();
+        return Err(RuntimeError::Invalid(format!(
+            "cannot publish ports with --network none (the Box has no NIC): \
+             drop -p/--publish {} or choose a network",
+            specs.join(", ")
+        )));
+    }
+    for dns in &opts.dns {
+        let server = crate::net::parse_dns_server(dns)
+            .map_err(|e| RuntimeError::Invalid(format!("invalid --dns: {e}")))?;
+        if opts.network == NetworkKind::Passt && server.port() != 53 {
+            return Err(RuntimeError::Invalid(format!(
+                "--dns {dns}: the passt network backend forwards DNS to port 53 only"
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn validate_name(name: &str) -> Result<()> {

@@ -383,7 +383,9 @@ impl Router {
                 let spec: PortForward = forward
                     .parse()
                     .map_err(|e: crate::net::NetworkError| e.to_string())?;
-                let added = net.add_port_forward(spec).map_err(|e| e.to_string())?;
+                let added = net
+                    .add_port_forward(spec)
+                    .map_err(|e| crate::net::error_chain(&e))?;
                 self.record_forwards(net);
                 info(serde_json::to_value(added).unwrap_or_default())
             }
@@ -391,7 +393,8 @@ impl Router {
                 let spec: PortForward = forward
                     .parse()
                     .map_err(|e: crate::net::NetworkError| e.to_string())?;
-                net.remove_port_forward(&spec).map_err(|e| e.to_string())?;
+                net.remove_port_forward(&spec)
+                    .map_err(|e| crate::net::error_chain(&e))?;
                 self.record_forwards(net);
                 Ok(Control::Done)
             }

@@ -138,8 +138,13 @@ fn start_network(
         .collect::<Result<_, _>>()?;
     opts.allow_host = config.allow_host;
     opts.hostname = Some(record.name.clone());
-    let (handle, cfg) = NetworkHandle::start(opts)
-        .map_err(|e| format!("cannot start the {} network backend: {e}", config.network))?;
+    let (handle, cfg) = NetworkHandle::start(opts).map_err(|e| {
+        format!(
+            "cannot start the {} network backend: {}",
+            config.network,
+            crate::net::error_chain(&e)
+        )
+    })?;
     Ok((Some(handle), Some(cfg)))
 }
 

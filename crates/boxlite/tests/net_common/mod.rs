@@ -290,10 +290,15 @@ type Zone = HashMap<String, serde_json::Value>;
 
 impl StubDns {
     pub fn start(zone_json: &Path) -> StubDns {
+        StubDns::start_at(zone_json, "127.0.0.1:0".parse().unwrap())
+    }
+
+    /// The stub on `at` (port 0: a free port, the same for UDP and TCP).
+    pub fn start_at(zone_json: &Path, at: SocketAddr) -> StubDns {
         let zone: Zone = serde_json::from_slice(&std::fs::read(zone_json).unwrap()).unwrap();
         let zone = Arc::new(zone);
         let (udp, tcp) = loop {
-            let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let udp = UdpSocket::bind(at).unwrap();
             if let Ok(tcp) = TcpListener::bind(udp.local_addr().unwrap()) {
                 break (udp, tcp);
             }

@@ -67,13 +67,13 @@ impl Counters {
             tx_packets: g(&self.tx_packets),
             rx_bytes: g(&self.rx_bytes),
             rx_packets: g(&self.rx_packets),
-            tcp_connections: g(&self.tcp_connections),
-            tcp_connections_total: g(&self.tcp_connections_total),
-            udp_flows: g(&self.udp_flows),
-            refused_connects: g(&self.refused_connects),
-            dhcp_leases: g(&self.dhcp_leases),
-            dns_queries: g(&self.dns_queries),
-            dropped_frames: g(&self.dropped_frames),
+            tcp_connections: Some(g(&self.tcp_connections)),
+            tcp_connections_total: Some(g(&self.tcp_connections_total)),
+            udp_flows: Some(g(&self.udp_flows)),
+            refused_connects: Some(g(&self.refused_connects)),
+            dhcp_leases: Some(g(&self.dhcp_leases)),
+            dns_queries: Some(g(&self.dns_queries)),
+            dropped_frames: Some(g(&self.dropped_frames)),
         }
     }
 }
