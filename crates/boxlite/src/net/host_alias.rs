@@ -5,13 +5,12 @@
 //! Both backends run every frame through [`HostAlias`]: TCP and UDP from the guest to the alias
 //! are rewritten to the gateway and the replies of those flows are rewritten back, so the guest
 //! only ever sees the alias; that happens only when the Box allows host access. Without it,
-//! libslirp refuses both addresses itself (`disable_host_loopback`, and no mapping for others of
-//! its network), promptly. passt's
-//! `--no-map-gw` has none (the gateway becomes an address of the real network), so for passt
-//! without host access frames to the alias are dropped instead, and so is everything to the
-//! gateway but DNS and the replies of flows the gateway opened (passt's port forwards reach
-//! the guest from the gateway). Checksums are recomputed for the rewritten IPv4 header and the TCP or UDP
-//! segment.
+//! libslirp refuses both addresses itself, promptly (`disable_host_loopback`, and no mapping
+//! for other addresses of its network). passt has no such switch (with `--no-map-gw` the
+//! gateway becomes an address of the real network), so for passt without host access frames
+//! to the alias are dropped instead, and so is everything to the gateway but DNS and the
+//! replies of flows the gateway opened (passt's port forwards reach the guest from the
+//! gateway). Checksums are recomputed for the rewritten IPv4 header and the TCP or UDP segment.
 //!
 //! Known shortcomings: only unfragmented TCP and UDP are rewritten (ICMP to the alias, e.g.
 //! ping, and IP fragments are dropped), and dropped connects to the alias are not refused: the
