@@ -1,8 +1,8 @@
 //! The host alias and DNS on the backends that do not own their stack (libslirp, passt), with
 //! real guests: 192.168.127.254 reaches a server on the host's loopback only when host access is
 //! allowed, and the resolver the guest is given (the gateway) answers, from the host's resolvers
-//! (a stub on a loopback address of its own, named by the resolv.conf the backend reads) or
-//! from the `--dns` override.
+//! (a stub on 127.0.0.53, named by the resolv.conf the backend reads) or from the `--dns`
+//! override (a stub on another port).
 
 mod net_common;
 
@@ -41,12 +41,18 @@ fn check(kind: NetworkKind, allow_host: bool, dns_override: bool) {
     let _lock = vm::vm_lock();
     let dir = tempfile::tempdir().unwrap();
     let (_case_dir, case) = run_case("23", &[]);
-    // passt (2023-03) reaches a loopback resolver only at 127.0.0.1, and only on port 53.
-    let resolver = Ipv4Addr::LOCALHOST;
-    let stub = StubDns::start_at(
-        &case.join("zone.json"),
-        SocketAddr::new(resolver.into(), 53),
-    );
+    // The host's resolver on a loopback address other than 127.0.0.1, as systemd-resolved's
+    // 127.0.0.53 (passt 2023-03 could not reach those itself); the `--dns` override on a port
+    // other than 53.
+    let resolver = Ipv4Addr::new(127, 0, 0, 53);
+    let stub = if dns_override {
+        StubDns::start(&case.join("zone.json"))
+    } else {
+        StubDns::start_at(
+            &case.join("zone.json"),
+            SocketAddr::new(resolver.into(), 53),
+        )
+    };
     let resolv_conf = dir.path().join("resolv.conf");
     std::fs::write(&resolv_conf, format!("nameserver {resolver}\n")).unwrap();
     // The only test of this binary that reads it, and guest tests run one at a time.
@@ -57,6 +63,7 @@ fn check(kind: NetworkKind, allow_host: bool, dns_override: bool) {
     opts.allow_host = allow_host;
     if dns_override {
         std::fs::write(&resolv_conf, "nameserver 127.0.0.9\n").unwrap();
+        assert_ne!(stub.addr.port(), 53);
         opts.dns = vec![stub.addr];
     }
     let (net, config) = NetworkHandle::start(opts).unwrap();

@@ -29,7 +29,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -40,6 +40,7 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::net::framing::FrameDecoder;
+use crate::net::gateway_dns::{self, Answerer};
 use crate::net::host_alias::{HostAlias, Verdict};
 use crate::net::{
     FrameCounters, NetworkBackend, NetworkConfig, NetworkError, NetworkKind, NetworkMetrics,
@@ -246,11 +247,7 @@ impl NetworkBackend for Libslirp {
             forwards: self.options.port_forwards.clone(),
             counters: self.counters.clone(),
             forward_list: self.forwards.clone(),
-            dns_upstreams: if self.options.dns.is_empty() {
-                crate::net::host_resolvers()
-            } else {
-                self.options.dns.clone()
-            },
+            dns: Answerer::new(&self.options.dns),
         };
         let thread = std::thread::Builder::new()
             .name("libslirp".into())
@@ -326,41 +323,8 @@ struct LoopSetup {
     forwards: Vec<PortForward>,
     counters: Arc<FrameCounters>,
     forward_list: Arc<Mutex<Vec<PortForward>>>,
-    /// Where the guest's DNS queries to the gateway go.
-    dns_upstreams: Vec<SocketAddr>,
-}
-
-/// A DNS answer computed off the loop thread, to be framed toward the guest.
-struct DnsAnswer {
-    guest_mac: [u8; 6],
-    guest: SocketAddrV4,
-    reply: Vec<u8>,
-}
-
-/// A UDP query from the guest to 192.168.127.1:53: (guest MAC, guest endpoint, query).
-fn dns_query(frame: &[u8]) -> Option<([u8; 6], SocketAddrV4, Vec<u8>)> {
-    use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, UdpPacket};
-    let eth = EthernetFrame::new_checked(frame).ok()?;
-    if eth.ethertype() != EthernetProtocol::Ipv4 {
-        return None;
-    }
-    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    if ip.dst_addr() != Topology::GATEWAY
-        || ip.next_header() != IpProtocol::Udp
-        || ip.more_frags()
-        || ip.frag_offset() != 0
-    {
-        return None;
-    }
-    let udp = UdpPacket::new_checked(ip.payload()).ok()?;
-    if udp.dst_port() != 53 {
-        return None;
-    }
-    Some((
-        eth.src_addr().0,
-        SocketAddrV4::new(ip.src_addr(), udp.src_port()),
-        udp.payload().to_vec(),
-    ))
+    /// Answers the guest's DNS queries to the gateway.
+    dns: Answerer,
 }
 
 /// libslirp's nameserver address: one the guest is never told about (see the module doc).
@@ -661,36 +625,6 @@ fn listening_at(fd: RawFd) -> Option<SocketAddrV4> {
     ))
 }
 
-/// Answers one intercepted DNS query on a worker thread; the loop frames the reply. False if
-/// no thread could be started (the query is dropped; the guest retries).
-fn spawn_dns(
-    setup: &LoopSetup,
-    tx: &Sender<DnsAnswer>,
-    guest_mac: [u8; 6],
-    guest: SocketAddrV4,
-    query: Vec<u8>,
-) -> bool {
-    let upstreams = setup.dns_upstreams.clone();
-    let tx = tx.clone();
-    let wake_fd = setup.wake.clone();
-    let spawned = std::thread::Builder::new()
-        .name("libslirp-dns".into())
-        .spawn(move || {
-            use crate::net::usernet::dns;
-            let reply = dns::answer(&query, &upstreams, dns::Transport::Udp).unwrap_or_default();
-            let _ = tx.send(DnsAnswer {
-                guest_mac,
-                guest,
-                reply,
-            });
-            wake(&wake_fd);
-        });
-    if let Err(e) = &spawned {
-        warn!(error = %e, "cannot start a DNS worker");
-    }
-    spawned.is_ok()
-}
-
 fn run(setup: LoopSetup, commands: Receiver<Command>, ready: Sender<Result<()>>) {
     let hostname = CString::new(setup.hostname.clone().unwrap_or_default()).unwrap_or_default();
     let domain = CString::new(Topology::DOMAIN).expect("no NUL in the domain");
@@ -778,8 +712,8 @@ fn run(setup: LoopSetup, commands: Receiver<Command>, ready: Sender<Result<()>>)
 
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 65536];
-    let (dns_tx, dns_rx) = mpsc::channel::<DnsAnswer>();
-    let mut dns_in_flight = 0usize;
+    // Frames of DNS answers, from the workers to this thread (the only one that may send).
+    let (dns_tx, dns_rx) = mpsc::channel::<Vec<Vec<u8>>>();
     'outer: loop {
         // Our own descriptors first: QEMU (or the listener), then the wake eventfd.
         st.pollfds.clear();
@@ -856,12 +790,12 @@ fn run(setup: LoopSetup, commands: Receiver<Command>, ready: Sender<Result<()>>)
                             if st.alias.outbound(&mut frame) == Verdict::Drop {
                                 continue;
                             }
-                            if let Some((mac, guest, query)) = dns_query(&frame) {
-                                if dns_in_flight < 64
-                                    && spawn_dns(&setup, &dns_tx, mac, guest, query)
-                                {
-                                    dns_in_flight += 1;
-                                }
+                            if let Some(query) = gateway_dns::query(&frame) {
+                                let (tx, wake_fd) = (dns_tx.clone(), setup.wake.clone());
+                                setup.dns.answer(query, move |frames| {
+                                    let _ = tx.send(frames);
+                                    wake(&wake_fd);
+                                });
                                 continue;
                             }
                             // SAFETY: frame is a valid buffer of its length.
@@ -899,20 +833,11 @@ fn run(setup: LoopSetup, commands: Receiver<Command>, ready: Sender<Result<()>>)
             }
         }
 
-        while let Ok(answer) = dns_rx.try_recv() {
-            dns_in_flight -= 1;
-            if answer.reply.is_empty() {
-                continue; // not even a DNS header: nothing to answer
+        while let Ok(frames) = dns_rx.try_recv() {
+            for frame in frames {
+                // SAFETY: the same call libslirp makes; `opaque` is our live CbState.
+                unsafe { cb_send_packet(frame.as_ptr().cast(), frame.len(), opaque) };
             }
-            let frame = crate::net::usernet::packet::udp_frame(
-                Topology::GATEWAY_MAC,
-                answer.guest_mac,
-                SocketAddrV4::new(Topology::GATEWAY, 53),
-                answer.guest,
-                &answer.reply,
-            );
-            // SAFETY: the same call libslirp makes; `opaque` is our live CbState.
-            unsafe { cb_send_packet(frame.as_ptr().cast(), frame.len(), opaque) };
         }
 
         while let Ok(cmd) = commands.try_recv() {
@@ -982,7 +907,7 @@ mod tests {
     /// A socket listening on a free loopback port with libslirp's backlog of 1.
     fn listen_like_libslirp() -> (OwnedFd, SocketAddrV4) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
             unreachable!("bound an IPv4 address")
         };
         let fd = OwnedFd::from(listener);

@@ -12,6 +12,7 @@
 //! loopback only when the Box was created with `allow_host`.
 
 pub mod framing;
+mod gateway_dns;
 mod host_alias;
 pub mod libslirp;
 pub mod passt;

@@ -8,11 +8,11 @@
 //! 192.168.127.2 -n 24 -g 192.168.127.1`). Port forwards become `-t`/`-u` options at start;
 //! passt cannot change them while running.
 //!
-//! DNS: queries to 192.168.127.1 are forwarded (`--dns-forward`) to the first upstream given by
-//! `-D`: the `--dns` override (port 53 only: passt has no port option) or else the host's first
-//! IPv4 resolver, the same choice usernet makes. Known shortcoming of passt 2023-03: of the
-//! loopback addresses it reaches only 127.0.0.1 as resolver, so on a host whose resolver is
-//! e.g. systemd-resolved's 127.0.0.53 the guest's queries go unanswered.
+//! DNS: UDP queries to 192.168.127.1:53 never reach passt; the relay answers them with
+//! usernet's forwarder ([`crate::net::gateway_dns`]), from the `--dns` servers or the host's
+//! resolvers, whatever their address and port (passt 2023-03 reaches a loopback resolver only
+//! at 127.0.0.1:53, so systemd-resolved's 127.0.0.53 was out of its reach). DNS over TCP to
+//! the gateway is left to passt (`--dns-forward`, `-D` with the first port-53 IPv4 upstream).
 //!
 //! Host access: passt maps its gateway to the host's loopback unless `--no-map-gw`; the relay
 //! presents that mapping to the guest as the host alias 192.168.127.254 and keeps the alias and
@@ -28,13 +28,14 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 
 use crate::net::framing::{encode_into, FrameDecoder};
+use crate::net::gateway_dns::{self, Answerer};
 use crate::net::host_alias::{HostAlias, Verdict};
 use crate::net::{
     FrameCounters, NetworkBackend, NetworkConfig, NetworkError, NetworkKind, NetworkMetrics,
@@ -107,7 +108,7 @@ impl NetworkBackend for Passt {
         if self.running.is_some() {
             return Err(NetworkError::AlreadyRunning(NetworkKind::Passt));
         }
-        let upstream = dns_upstream(&self.options)?;
+        let upstream = dns_upstream(&self.options);
         let path = self.options.socket_path()?;
         let private_dir = self.options.socket_dir.join("passt.d");
         let passt_sock = private_dir.join("s");
@@ -211,9 +212,10 @@ impl NetworkBackend for Passt {
             let stop = stop.clone();
             let counters = self.counters.clone();
             let alias = HostAlias::for_open_gateway(self.options.allow_host);
+            let dns = Answerer::new(&self.options.dns);
             std::thread::Builder::new()
                 .name("passt-relay".into())
-                .spawn(move || accept_loop(listener, passt, &counters, &alias, &stop))
+                .spawn(move || accept_loop(listener, passt, &counters, &alias, &dns, &stop))
                 .map_err(|e| spawn_err("cannot start the relay thread", Some(e)))?
         };
         self.forwards = forwards.clone();
@@ -272,22 +274,18 @@ impl Drop for Passt {
     }
 }
 
-/// The upstream resolver passt forwards the guest's DNS to: the first `--dns` (which must use
-/// port 53), else the host's first IPv4 resolver; `None` leaves the choice to passt.
-fn dns_upstream(options: &NetworkOptions) -> Result<Option<std::net::IpAddr>> {
-    if let Some(server) = options.dns.first() {
-        if server.port() != 53 {
-            return Err(NetworkError::Unsupported {
-                backend: NetworkKind::Passt,
-                what: format!("DNS server {server} (passt forwards DNS to port 53 only)"),
-            });
-        }
-        return Ok(Some(server.ip()));
-    }
-    Ok(crate::net::host_resolvers()
+/// The upstream resolver passt forwards the guest's DNS over TCP to: the first IPv4 `--dns`
+/// server or host resolver on port 53 (passt has no port option); `None` leaves it to passt.
+fn dns_upstream(options: &NetworkOptions) -> Option<std::net::IpAddr> {
+    let candidates = if options.dns.is_empty() {
+        crate::net::host_resolvers()
+    } else {
+        options.dns.clone()
+    };
+    candidates
         .into_iter()
+        .find(|s| s.is_ipv4() && s.port() == 53)
         .map(|s| s.ip())
-        .find(|ip| ip.is_ipv4()))
 }
 
 /// Accepts the VMM (once) and relays it to passt until either side closes or we are told to
@@ -295,8 +293,9 @@ fn dns_upstream(options: &NetworkOptions) -> Result<Option<std::net::IpAddr>> {
 fn accept_loop(
     listener: UnixListener,
     passt: UnixStream,
-    counters: &FrameCounters,
+    counters: &Arc<FrameCounters>,
     alias: &HostAlias,
+    dns: &Answerer,
     stop: &AtomicBool,
 ) {
     let _ = listener.set_nonblocking(true);
@@ -304,7 +303,7 @@ fn accept_loop(
         match listener.accept() {
             Ok((vmm, _)) => {
                 let _ = vmm.set_nonblocking(false);
-                relay(vmm, passt, counters, alias, stop);
+                relay(vmm, passt, counters, alias, dns, stop);
                 return;
             }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -312,26 +311,44 @@ fn accept_loop(
     }
 }
 
-/// Copies frames both ways until either side closes; counts them as they pass and applies the
-/// host alias.
+/// Copies frames both ways until either side closes; counts them as they pass, applies the
+/// host alias and answers the guest's DNS queries to the gateway.
 fn relay(
     vmm: UnixStream,
     passt: UnixStream,
-    counters: &FrameCounters,
+    counters: &Arc<FrameCounters>,
     alias: &HostAlias,
+    dns: &Answerer,
     stop: &AtomicBool,
 ) {
     let (Ok(vmm2), Ok(passt2)) = (vmm.try_clone(), passt.try_clone()) else {
         return;
     };
+    // Frames toward the VMM come from passt and from the DNS workers: one writer at a time.
+    let to_vmm = Arc::new(Mutex::new(vmm2));
     std::thread::scope(|s| {
         s.spawn(|| {
             copy_frames(
                 &vmm,
-                &passt2,
+                &mut |out| (&passt2).write_all(out),
                 &|frame| {
                     counters.count_tx(frame.len());
-                    alias.outbound(frame)
+                    if alias.outbound(frame) == Verdict::Drop {
+                        return Verdict::Drop;
+                    }
+                    let Some(query) = gateway_dns::query(frame) else {
+                        return Verdict::Pass;
+                    };
+                    let (to_vmm, counters) = (Arc::clone(&to_vmm), Arc::clone(counters));
+                    dns.answer(query, move |frames| {
+                        let mut out = Vec::new();
+                        for frame in &frames {
+                            counters.count_rx(frame.len());
+                            encode_into(&mut out, frame);
+                        }
+                        let _ = to_vmm.lock().expect("vmm writer").write_all(&out);
+                    });
+                    Verdict::Drop
                 },
                 stop,
             );
@@ -339,7 +356,7 @@ fn relay(
         });
         copy_frames(
             &passt,
-            &vmm2,
+            &mut |out| to_vmm.lock().expect("vmm writer").write_all(out),
             &|frame| {
                 counters.count_rx(frame.len());
                 alias.inbound(frame);
@@ -347,16 +364,19 @@ fn relay(
             },
             stop,
         );
-        let _ = vmm2.shutdown(std::net::Shutdown::Both);
+        let _ = to_vmm
+            .lock()
+            .expect("vmm writer")
+            .shutdown(std::net::Shutdown::Both);
         let _ = vmm.shutdown(std::net::Shutdown::Both);
     });
 }
 
 /// Reads frames from `from`, lets `each` look at (and rewrite or drop) every one, and writes
-/// the ones it passes to `to`.
+/// the ones it passes with `to`.
 fn copy_frames(
     mut from: &UnixStream,
-    mut to: &UnixStream,
+    to: &mut dyn FnMut(&[u8]) -> io::Result<()>,
     each: &dyn Fn(&mut [u8]) -> Verdict,
     stop: &AtomicBool,
 ) {
@@ -390,7 +410,7 @@ fn copy_frames(
                 Err(_) => return,
             }
         }
-        if !out.is_empty() && to.write_all(&out).is_err() {
+        if !out.is_empty() && to(&out).is_err() {
             return;
         }
     }

@@ -359,13 +359,8 @@ fn validate_network(opts: &BoxOptions) -> Result<()> {
         )));
     }
     for dns in &opts.dns {
-        let server = crate::net::parse_dns_server(dns)
+        crate::net::parse_dns_server(dns)
             .map_err(|e| RuntimeError::Invalid(format!("invalid --dns: {e}")))?;
-        if opts.network == NetworkKind::Passt && server.port() != 53 {
-            return Err(RuntimeError::Invalid(format!(
-                "--dns {dns}: the passt network backend forwards DNS to port 53 only"
-            )));
-        }
     }
     Ok(())
 }
