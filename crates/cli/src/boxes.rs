@@ -206,25 +206,25 @@ pub fn run(cmd: BoxCommand) -> anyhow::Result<u8> {
         BoxCommand::Create(args) => {
             let opts = box_options(args.opts, args.image, args.command, false)?;
             let bx = rt.create(opts)?;
-            println!("{}", bx.id());
+            outln!("{}", bx.id());
             Ok(0)
         }
         BoxCommand::Start { name } => {
             let mut bx = rt.get(&name)?;
             if bx.record().state == BoxState::Running {
                 // As docker: starting a running Box is not an error.
-                println!("{}", bx.name());
+                outln!("{}", bx.name());
                 return Ok(0);
             }
             let decision = bx.start(false)?;
             warn_fallback(&decision);
-            println!("{}", bx.name());
+            outln!("{}", bx.name());
             Ok(0)
         }
         BoxCommand::Stop { names, timeout } => {
             for name in names {
                 rt.get(&name)?.stop(Duration::from_secs(timeout))?;
-                println!("{name}");
+                outln!("{name}");
             }
             Ok(0)
         }
@@ -232,7 +232,7 @@ pub fn run(cmd: BoxCommand) -> anyhow::Result<u8> {
             let mut failed = false;
             for name in names {
                 match rt.remove(&name, force) {
-                    Ok(()) => println!("{name}"),
+                    Ok(()) => outln!("{name}"),
                     Err(e) => {
                         eprintln!("boxlite: {}", crate::error_chain(&e.into()));
                         failed = true;
@@ -254,14 +254,14 @@ pub fn run(cmd: BoxCommand) -> anyhow::Result<u8> {
             value["network"] = network
                 .and_then(|n| serde_json::from_str(&n).ok())
                 .unwrap_or(serde_json::Value::Null);
-            println!("{}", serde_json::to_string_pretty(&value)?);
+            outln!("{}", serde_json::to_string_pretty(&value)?);
             Ok(0)
         }
         BoxCommand::Exec(args) => exec(&rt, args),
         BoxCommand::Stats { name, json } => {
             let stats = rt.get(&name)?.stats()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&stats)?);
+                outln!("{}", serde_json::to_string_pretty(&stats)?);
             } else {
                 print_stats(&stats);
             }
@@ -356,7 +356,7 @@ fn run_box(rt: &Runtime, args: RunArgs) -> anyhow::Result<u8> {
             return Err(cleanup_failed(bx, args.rm, e));
         }
         warn_fallback(started.as_ref().unwrap());
-        println!("{}", bx.id());
+        outln!("{}", bx.id());
         return Ok(0);
     }
     match bx.start(true) {
@@ -438,7 +438,7 @@ fn list(rt: &Runtime, json: bool) -> anyhow::Result<u8> {
     let boxes = rt.list()?;
     if json {
         let rows: Vec<serde_json::Value> = boxes.iter().map(ls_json).collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(0);
     }
     let mut table = Table::new(&["ID", "NAME", "IMAGE", "STATE", "STATUS"]);
@@ -473,7 +473,7 @@ fn port(rt: &Runtime, command: PortCommand) -> anyhow::Result<u8> {
         PortCommand::Add { name, forward } => {
             let spec: PortForward = forward.parse()?;
             let added = rt.get(&name)?.port_add(&spec)?;
-            println!("{}", added);
+            outln!("{}", added);
         }
         PortCommand::Rm { name, forward } => {
             let mut bx = rt.get(&name)?;
@@ -483,10 +483,10 @@ fn port(rt: &Runtime, command: PortCommand) -> anyhow::Result<u8> {
         PortCommand::Ls { name, json } => {
             let ports = rt.get(&name)?.ports()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&ports)?);
+                outln!("{}", serde_json::to_string_pretty(&ports)?);
             } else {
                 for p in ports {
-                    println!("{p}");
+                    outln!("{p}");
                 }
             }
         }
@@ -497,19 +497,19 @@ fn port(rt: &Runtime, command: PortCommand) -> anyhow::Result<u8> {
 fn print_stats(stats: &serde_json::Value) {
     let net = &stats["network"];
     if net.is_object() {
-        println!("network:");
+        outln!("network:");
         if let Some(map) = net.as_object() {
             for (k, v) in map {
-                println!("  {k:<24} {}", stat_cell(v));
+                outln!("  {k:<24} {}", stat_cell(v));
             }
         }
     } else {
-        println!("network: none");
+        outln!("network: none");
     }
-    println!("resources:");
+    outln!("resources:");
     if let Some(map) = stats["resources"].as_object() {
         for (k, v) in map {
-            println!("  {k:<24} {}", stat_cell(v));
+            outln!("  {k:<24} {}", stat_cell(v));
         }
     }
 }

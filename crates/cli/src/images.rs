@@ -98,7 +98,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<u8> {
                 let record = images
                     .import(&path, tag.as_deref())
                     .with_context(|| format!("importing {}", path.display()))?;
-                println!("{}", record.id);
+                outln!("{}", record.id);
                 Ok(0)
             }
             ImageSubcommand::Unpack { reference, dir } => {
@@ -114,7 +114,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<u8> {
                         .remove_with(&reference, &in_use, force)
                         .with_context(|| format!("removing {reference}"))?;
                     for name in &report.untagged {
-                        println!("Untagged: {name}");
+                        outln!("Untagged: {name}");
                     }
                     print_removed(&report);
                 }
@@ -127,10 +127,10 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<u8> {
                 let runtime = boxlite::runtime::Runtime::new(home.clone())?;
                 let disks = runtime.prune_disks().context("pruning unused disks")?;
                 for (path, _) in &disks {
-                    println!("Deleted: {}", path.display());
+                    outln!("Deleted: {}", path.display());
                 }
                 let disk_bytes: u64 = disks.iter().map(|(_, bytes)| bytes).sum();
-                println!(
+                outln!(
                     "Removed {} blobs, {} layers and {} disks, freed {}",
                     report.blobs_removed,
                     report.layers_removed,
@@ -160,14 +160,14 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<u8> {
             images
                 .login(&registry, Credential::new(username, password))
                 .with_context(|| format!("logging in to {registry}"))?;
-            println!("Login Succeeded");
+            outln!("Login Succeeded");
             Ok(0)
         }
         ImageCommand::Logout { registry } => {
             if images.logout(&registry)? {
-                println!("Removed login credentials for {registry}");
+                outln!("Removed login credentials for {registry}");
             } else {
-                println!("Not logged in to {registry}");
+                outln!("Not logged in to {registry}");
             }
             Ok(0)
         }
@@ -200,14 +200,14 @@ fn pull(
             report.blobs_present
         );
     }
-    println!("{}", record.id);
+    outln!("{}", record.id);
     Ok(0)
 }
 
 fn list(images: &ImageManager, json: bool) -> anyhow::Result<u8> {
     let records = images.list()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&records)?);
+        outln!("{}", serde_json::to_string_pretty(&records)?);
         return Ok(0);
     }
     let mut table = Table::new(&["REFERENCE", "IMAGE ID", "SIZE"]).right(2);
@@ -233,7 +233,7 @@ fn images_in_use(home: &Home, _images: &ImageManager) -> anyhow::Result<Vec<Dige
 
 fn print_removed(report: &PruneReport) {
     for id in &report.images_removed {
-        println!("Deleted: {id}");
+        outln!("Deleted: {id}");
     }
 }
 

@@ -1,6 +1,8 @@
 //! The `boxlite` command line: a thin layer over the `boxlite` library. Each group of commands
 //! lives in its own module; this file only parses and dispatches.
 
+#[macro_use]
+mod output;
 mod boxes;
 mod images;
 mod snapshots;

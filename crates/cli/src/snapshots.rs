@@ -76,7 +76,7 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<u8> {
                 .get(&source)?
                 .clone_as(&name)
                 .with_context(|| format!("cloning box {source} as {name}"))?;
-            println!("{}", clone.id());
+            outln!("{}", clone.id());
             Ok(0)
         }
         SnapshotCommand::System {
@@ -84,7 +84,7 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<u8> {
         } => {
             let usage = rt.disk_usage().context("measuring disk usage")?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&usage)?);
+                outln!("{}", serde_json::to_string_pretty(&usage)?);
             } else {
                 print_usage(&usage);
             }
@@ -97,12 +97,12 @@ fn snapshot(rt: &Runtime, command: SnapshotSubcommand) -> anyhow::Result<u8> {
     match command {
         SnapshotSubcommand::Create { name, snapshot } => {
             rt.get(&name)?.snapshot_create(&snapshot)?;
-            println!("{snapshot}");
+            outln!("{snapshot}");
         }
         SnapshotSubcommand::Ls { name, json } => {
             let list = rt.get(&name)?.snapshots()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 let mut table = Table::new(&["ID", "NAME", "CREATED"]);
                 for s in &list {
@@ -113,11 +113,11 @@ fn snapshot(rt: &Runtime, command: SnapshotSubcommand) -> anyhow::Result<u8> {
         }
         SnapshotSubcommand::Restore { name, snapshot } => {
             rt.get(&name)?.snapshot_restore(&snapshot)?;
-            println!("{snapshot}");
+            outln!("{snapshot}");
         }
         SnapshotSubcommand::Rm { name, snapshot } => {
             rt.get(&name)?.snapshot_delete(&snapshot)?;
-            println!("{snapshot}");
+            outln!("{snapshot}");
         }
     }
     Ok(0)
@@ -145,13 +145,13 @@ fn print_usage(u: &SystemUsage) {
     );
     row("Volumes", u.volumes.len(), volumes);
     table.print();
-    println!(
+    outln!(
         "Total {}, reclaimable by `image prune` {}",
         human(u.total_bytes),
         human(u.reclaimable_bytes)
     );
     if !u.boxes.is_empty() {
-        println!();
+        outln!();
         let mut table = Table::new(&["BOX", "STATE", "DISK", "IMAGE"]).right(2);
         for b in &u.boxes {
             table.row([
@@ -164,7 +164,7 @@ fn print_usage(u: &SystemUsage) {
         table.print();
     }
     if !u.volumes.is_empty() {
-        println!();
+        outln!();
         let mut table = Table::new(&["VOLUME", "SIZE"]).right(1);
         for v in &u.volumes {
             table.row([v.name.clone(), human(v.bytes)]);

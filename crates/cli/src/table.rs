@@ -62,7 +62,7 @@ impl Table {
 
     /// Prints the table to stdout.
     pub fn print(&self) {
-        print!("{}", self.render());
+        out!("{}", self.render());
     }
 }
 

@@ -80,12 +80,12 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<u8> {
         } => {
             let size = size.as_deref().map(parse_size).transpose()?;
             let volume = volumes()?.create(&name, size, backing.as_deref())?;
-            println!("{}", volume.name);
+            outln!("{}", volume.name);
         }
         VolumeCommand::Ls { json } => {
             let list = volumes()?.list()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 let mut table = Table::new(&["NAME", "SIZE", "USED", "BACKING", "IN USE BY"])
                     .right(1)
@@ -105,16 +105,16 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<u8> {
         }
         VolumeCommand::Rm { name } => {
             volumes()?.remove(&name)?;
-            println!("{name}");
+            outln!("{name}");
         }
         VolumeCommand::Snapshot(args) => match (args.command, args.name, args.snapshot) {
             (Some(SnapshotCommand::Rm { name, snapshot }), _, _) => {
                 volumes()?.snapshot_remove(&name, &snapshot)?;
-                println!("{snapshot}");
+                outln!("{snapshot}");
             }
             (None, Some(name), Some(snapshot)) => {
                 volumes()?.snapshot(&name, &snapshot)?;
-                println!("{snapshot}");
+                outln!("{snapshot}");
             }
             _ => anyhow::bail!(
                 "usage: boxlite volume snapshot NAME SNAP | volume snapshot rm NAME SNAP"
@@ -127,7 +127,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<u8> {
                     .iter()
                     .map(|s| serde_json::json!({"name": s.name, "created_at": s.date_sec}))
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 let mut table = Table::new(&["NAME", "CREATED"]);
                 for s in snaps {
@@ -138,7 +138,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<u8> {
         }
         VolumeCommand::Revert { name, snapshot } => {
             volumes()?.revert(&name, &snapshot)?;
-            println!("{name}");
+            outln!("{name}");
         }
     }
     Ok(0)

@@ -313,3 +313,22 @@ fn pull_from_an_unreachable_registry_fails_at_once_without_colour_codes() {
     assert!(err.contains("DEBUG"), "{err}");
     assert!(!err.contains('\x1b'), "{err:?}");
 }
+
+/// `boxlite images | head -1` with the reader gone before the listing is written: the command
+/// ends quietly with SIGPIPE's status, as a shell tool would, rather than panicking.
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    let env = Env::new();
+    env.busybox();
+    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    drop(read_end);
+    let out = env
+        .cmd()
+        .args(["images"])
+        .stdout(std::process::Stdio::from(write_end))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
