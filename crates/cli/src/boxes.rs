@@ -55,6 +55,15 @@ pub enum BoxCommand {
     },
     /// Run a command in a running Box.
     Exec(ExecArgs),
+    /// Output of a Box's main process while no terminal was attached to it (`run -d`, or
+    /// after a detach), from the Box's main.log.
+    Logs {
+        #[arg(value_name = "BOX")]
+        name: String,
+        /// Keep printing what the process writes until the Box stops.
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
     /// Network and resource counters of a running Box.
     Stats {
         #[arg(value_name = "BOX")]
@@ -258,6 +267,7 @@ pub fn run(cmd: BoxCommand) -> anyhow::Result<u8> {
             Ok(0)
         }
         BoxCommand::Exec(args) => exec(&rt, args),
+        BoxCommand::Logs { name, follow } => logs(&rt, &name, follow),
         BoxCommand::Stats { name, json } => {
             let stats = rt.get(&name)?.stats()?;
             if json {
@@ -432,6 +442,45 @@ fn finish(status: Result<ExitStatus, ExecError>) -> anyhow::Result<u8> {
 
 fn terminal_size() -> (u16, u16) {
     crate::terminal::size().unwrap_or((24, 80))
+}
+
+/// Copies the Box's main.log to stdout; with `follow`, keeps copying until the Box is no longer
+/// running and everything it wrote is out.
+fn logs(rt: &Runtime, name: &str, follow: bool) -> anyhow::Result<u8> {
+    use std::io::Read;
+    let path = rt.get(name)?.paths().main_log();
+    let mut file = match std::fs::File::open(&path) {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // Read the state first: a Box seen stopped has written all it will before the last read.
+        let running = follow
+            && matches!(
+                rt.get(name)?.record().state,
+                BoxState::Running | BoxState::Starting
+            );
+        if file.is_none() {
+            file = std::fs::File::open(&path).ok();
+        }
+        if let Some(f) = file.as_mut() {
+            loop {
+                let n = f
+                    .read(&mut buf)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                if n == 0 {
+                    break;
+                }
+                crate::output::write_bytes(&buf[..n]);
+            }
+        }
+        if !running {
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn list(rt: &Runtime, json: bool) -> anyhow::Result<u8> {

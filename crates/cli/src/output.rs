@@ -11,7 +11,17 @@ const BROKEN_PIPE_STATUS: i32 = 141;
 /// Writes `args` to stdout (`outln!`, `out!`).
 pub fn write(args: std::fmt::Arguments<'_>) {
     let mut stdout = io::stdout().lock();
-    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+    finish(stdout.write_fmt(args).and_then(|()| stdout.flush()));
+}
+
+/// Writes raw bytes to stdout (a log's content).
+pub fn write_bytes(bytes: &[u8]) {
+    let mut stdout = io::stdout().lock();
+    finish(stdout.write_all(bytes).and_then(|()| stdout.flush()));
+}
+
+fn finish(result: io::Result<()>) {
+    if let Err(e) = result {
         if e.kind() == io::ErrorKind::BrokenPipe {
             std::process::exit(BROKEN_PIPE_STATUS);
         }

@@ -225,8 +225,10 @@ fn main_process_exit_stops_the_box_with_its_code() {
         img,
         "sh",
         "-c",
-        "echo logged; exit 4",
+        "echo logged; sleep 2; echo again; exit 4",
     ]);
+    // `logs -f` follows the running Box to its end; `logs` prints what it wrote.
+    assert_eq!(env.ok(&["logs", "-f", "short"]), "logged\nagain\n");
     let started = Instant::now();
     while env.state_of("short")["state"] != "exited" {
         assert!(
@@ -243,7 +245,8 @@ fn main_process_exit_stops_the_box_with_its_code() {
             .join("main.log"),
     )
     .unwrap();
-    assert_eq!(log, "logged\n");
+    assert_eq!(log, "logged\nagain\n");
+    assert_eq!(env.ok(&["logs", "short"]), log);
 }
 
 #[test]
