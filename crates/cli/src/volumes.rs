@@ -67,7 +67,7 @@ enum SnapshotCommand {
 fn volumes() -> anyhow::Result<Volumes> {
     let home = Home::from_env().context("open the boxlite home folder")?;
     let db = Db::open(&home).context("open the state database")?;
-    release_stale_leases(&db).context("release the volume leases of stopped boxes")?;
+    release_stale_leases(&db, &home).context("release the volume leases of stopped boxes")?;
     Ok(Volumes::open(&home)?)
 }
 

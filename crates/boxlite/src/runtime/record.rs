@@ -18,6 +18,7 @@ use rusqlite::{params, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 
 use super::config::BoxConfig;
+use crate::home::Home;
 use crate::state::Db;
 
 /// Lifecycle states.
@@ -257,7 +258,10 @@ impl BoxRecord {
 /// A shim records its Box as `starting` before it acquires a lease, and acquiring takes the
 /// database's write lock, which the final pass here holds: a lease whose Box is not live in that
 /// pass is stale, never one being taken.
-pub fn release_stale_leases(db: &Db) -> rusqlite::Result<Vec<String>> {
+///
+/// Read-write volumes of such Boxes are checked and cleared of leaked clusters first (see
+/// [`crate::volumes::store::repair_after_use`]).
+pub fn release_stale_leases(db: &Db, home: &Home) -> rusqlite::Result<Vec<String>> {
     for id in lease_holders(db.conn())? {
         if let Some(record) = BoxRecord::get(db, &id)? {
             record.reconcile(db)?;
@@ -274,6 +278,16 @@ pub fn release_stale_leases(db: &Db) -> rusqlite::Result<Vec<String>> {
             .and_then(|s| s.parse::<BoxState>().ok())
             .is_some_and(BoxState::is_live);
         if !live {
+            let mut stmt = tx.prepare(
+                "SELECT volume FROM volume_leases WHERE box_id = ?1 AND read_write ORDER BY volume",
+            )?;
+            let written: Vec<String> = stmt
+                .query_map([&id], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            drop(stmt);
+            for volume in &written {
+                crate::volumes::store::repair_after_use(home, volume);
+            }
             release_leases(&tx, &id)?;
             tracing::info!(box_id = %id, "released the volume leases of a box that is gone");
             released.push(id);

@@ -165,7 +165,7 @@ fn check_device_budget(mounts: usize, vm: &VmSpec) -> Result<(), String> {
 /// The volume store, after releasing the leases of Boxes that are gone.
 fn open_volumes(home: &Home) -> Result<Volumes, String> {
     let db = Db::open(home).map_err(|e| format!("cannot open the state database: {e}"))?;
-    if let Err(e) = release_stale_leases(&db) {
+    if let Err(e) = release_stale_leases(&db, home) {
         warn!("cannot release stale volume leases: {e}");
     }
     Volumes::open(home).map_err(|e| format!("cannot open the volume store: {e}"))

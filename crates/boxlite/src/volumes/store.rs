@@ -429,8 +429,22 @@ impl Volumes {
         })
     }
 
-    /// Ends `box_id`'s hold on volume `name` (no-op if it holds none).
+    /// Ends `box_id`'s hold on volume `name` (no-op if it holds none). The Box's VM must be
+    /// gone: a read-write hold first has the leaks a crash may have left repaired (see
+    /// [`repair_after_use`]), while the hold still keeps other Boxes out.
     pub fn release(&mut self, name: &str, box_id: &str) -> Result<()> {
+        let read_write: Option<bool> = self
+            .db
+            .conn()
+            .query_row(
+                "SELECT read_write FROM volume_leases WHERE volume = ?1 AND box_id = ?2",
+                params![name, box_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if read_write == Some(true) {
+            repair_after_use(&self.home, name);
+        }
         self.db.conn().execute(
             "DELETE FROM volume_leases WHERE volume = ?1 AND box_id = ?2",
             params![name, box_id],
@@ -471,6 +485,18 @@ impl Volumes {
             .conn()
             .execute("DELETE FROM volume_leases WHERE box_id = ?1", [box_id])?;
         Ok(())
+    }
+}
+
+/// After a read-write hold ends (the VM that had the volume open is gone): a VM killed between
+/// allocating clusters and referencing them leaves leaked clusters (wasted space, no harm to
+/// data), which `qemu-img check` reports; they are repaired here so the volume checks clean
+/// however its Box ended. A failure is only logged: QEMU's image lock refuses the repair while a
+/// dying VM still has the file, and the next attach checks and repairs again.
+pub fn repair_after_use(home: &Home, name: &str) {
+    let path = home.volume_dir(name).join(VOLUME_FILE);
+    if let Err(e) = qcow2::check_and_repair_leaks(&path) {
+        tracing::warn!(volume = name, error = %e, "checking the volume after its Box");
     }
 }
 
