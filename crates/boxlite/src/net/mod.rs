@@ -90,19 +90,6 @@ pub enum NetworkError {
 /// Result type of this module.
 pub type Result<T, E = NetworkError> = std::result::Result<T, E>;
 
-/// `error` and its causes on one line (`a: b: c`), for messages that cross a process boundary
-/// as text (the shim's answers and its start report), where the chain would otherwise be lost.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// Which backend serves the Box's NIC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

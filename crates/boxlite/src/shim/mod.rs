@@ -9,10 +9,6 @@
 
 pub mod mounts;
 mod router;
-
-/// After a stop's grace period, how long the guest has to kill what is left, sync, unmount and
-/// power off before the VMM is killed.
-pub(crate) const POWEROFF_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
 mod setup;
 
 use std::fs::File;
@@ -32,6 +28,23 @@ use crate::state::Db;
 use crate::vmm::accel::Accel;
 use crate::vmm::qemu::QemuEngine;
 use crate::vmm::{Engine, GuestAssets};
+
+/// `error` and its causes on one line (`a: b: c`), for messages that cross a process boundary
+/// as text (the shim's answers and its start report), where the chain would otherwise be lost.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// After a stop's grace period, how long the guest has to kill what is left, sync, unmount and
+/// power off before the VMM is killed.
+pub(crate) const POWEROFF_MARGIN: Duration = Duration::from_secs(10);
 
 pub use router::{exit_code_for_exec_error, MAIN_CHANNEL};
 

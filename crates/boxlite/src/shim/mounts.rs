@@ -184,7 +184,7 @@ fn explain_acquire_error(name: &str, error: VolumeError) -> String {
              attached {wanted} (stop or remove {holder} first, or attach {name} read-only in both)"
         ),
         other => {
-            let text = chain(&other);
+            let text = super::error_chain(&other);
             if text.contains(name) {
                 text
             } else {
@@ -192,18 +192,6 @@ fn explain_acquire_error(name: &str, error: VolumeError) -> String {
             }
         }
     }
-}
-
-/// An error and its sources on one line.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// virtiofsd's cache policy for host shares: `never` unless `BOXLITE_SHARE_CACHE` names another

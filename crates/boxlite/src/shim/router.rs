@@ -385,7 +385,7 @@ impl Router {
                     .map_err(|e: crate::net::NetworkError| e.to_string())?;
                 let added = net
                     .add_port_forward(spec)
-                    .map_err(|e| crate::net::error_chain(&e))?;
+                    .map_err(|e| crate::shim::error_chain(&e))?;
                 self.record_forwards(net);
                 info(serde_json::to_value(added).unwrap_or_default())
             }
@@ -394,7 +394,7 @@ impl Router {
                     .parse()
                     .map_err(|e: crate::net::NetworkError| e.to_string())?;
                 net.remove_port_forward(&spec)
-                    .map_err(|e| crate::net::error_chain(&e))?;
+                    .map_err(|e| crate::shim::error_chain(&e))?;
                 self.record_forwards(net);
                 Ok(Control::Done)
             }

@@ -142,7 +142,7 @@ fn start_network(
         format!(
             "cannot start the {} network backend: {}",
             config.network,
-            crate::net::error_chain(&e)
+            crate::shim::error_chain(&e)
         )
     })?;
     Ok((Some(handle), Some(cfg)))
