@@ -591,6 +591,15 @@ mod tests {
         assert!(matches!(err, StoreError::TooLong { .. }), "{err}");
     }
 
+    /// A 100 000-byte blob of which the first 40 000 bytes are already a partial download.
+    fn partly_downloaded(store: &ImageStore) -> (Vec<u8>, Digest) {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let digest = Digest::of(&data);
+        let partial = store.tmp.join(format!("blob-{}.partial", digest.hex()));
+        std::fs::write(&partial, &data[..40_000]).unwrap();
+        (data, digest)
+    }
+
     /// Reads a tee to its end on another thread, as an extraction does.
     fn follow(reader: TeeReader) -> std::thread::JoinHandle<io::Result<Vec<u8>>> {
         std::thread::spawn(move || {
@@ -694,10 +703,7 @@ mod tests {
     #[test]
     fn a_resumed_download_does_not_feed_a_tee() {
         let (_d, store) = store();
-        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let digest = Digest::of(&data);
-        let partial = store.tmp.join(format!("blob-{}.partial", digest.hex()));
-        std::fs::write(&partial, &data[..40_000]).unwrap();
+        let (data, digest) = partly_downloaded(&store);
         let (tee, reader) = super::tee();
         let reading = follow(reader);
         let got = store
@@ -726,10 +732,7 @@ mod tests {
     #[test]
     fn resumes_a_partial() {
         let (_d, store) = store();
-        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let digest = Digest::of(&data);
-        let partial = store.tmp.join(format!("blob-{}.partial", digest.hex()));
-        std::fs::write(&partial, &data[..40_000]).unwrap();
+        let (data, digest) = partly_downloaded(&store);
         let asked = std::cell::Cell::new(None);
         let mut source = |offset: u64| {
             asked.set(Some(offset));

@@ -579,16 +579,18 @@ fn users(conn: &rusqlite::Connection, name: &str) -> Result<Vec<BoxUse>> {
 /// Refuses while any Box attaches volume `name`, running or not (starting it would fail).
 fn refuse_if_used(conn: &rusqlite::Connection, name: &str) -> Result<()> {
     let used = users(conn, name)?;
-    if used.is_empty() {
+    refuse_for(name, used.iter().map(|u| u.box_name.as_str()))
+}
+
+/// The in-use refusal of volume `name`, naming `boxes`; none, no refusal.
+fn refuse_for<'a>(name: &str, boxes: impl Iterator<Item = &'a str>) -> Result<()> {
+    let boxes: Vec<&str> = boxes.collect();
+    if boxes.is_empty() {
         return Ok(());
     }
     Err(VolumeError::InUse {
         name: name.to_string(),
-        boxes: used
-            .iter()
-            .map(|u| u.box_name.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
+        boxes: boxes.join(", "),
     })
 }
 
@@ -602,17 +604,7 @@ fn box_name(conn: &rusqlite::Connection, id: &str) -> Result<String> {
 
 fn refuse_if_held(conn: &rusqlite::Connection, name: &str) -> Result<()> {
     let held = holders(conn, name)?;
-    if held.is_empty() {
-        return Ok(());
-    }
-    Err(VolumeError::InUse {
-        name: name.to_string(),
-        boxes: held
-            .iter()
-            .map(|h| h.box_name.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
-    })
+    refuse_for(name, held.iter().map(|h| h.box_name.as_str()))
 }
 
 fn refuse_if_backing(conn: &rusqlite::Connection, name: &str, action: &'static str) -> Result<()> {
